@@ -1,0 +1,171 @@
+"""Registered benchmarks behind ``moco bench NAME``.
+
+A benchmark is a function ``fn(quick: bool, seed: int, out=print) -> dict`` registered with
+:func:`register`: it prints a readable table through ``out`` and returns a JSON-able result dict.
+:func:`run_benchmark` seeds the random generators, runs it, adds a ``"meta"`` entry (versions,
+threads, platform, seed, wall seconds, peak memory) and prints the result as one JSON object on the
+last stdout line, so scripts can read ``moco bench NAME | tail -n 1``.
+
+Benchmark modules are imported only when needed: :data:`BENCHMARK_MODULES` maps each built-in
+benchmark name to the module that registers it, which keeps ``moco --help`` fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import platform
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from moco.errors import MocoError
+
+#: Built-in benchmark name -> module that registers it when imported.
+BENCHMARK_MODULES: dict[str, str] = {
+    "baselines": "moco.bench.bench_baselines",
+}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One registered benchmark: its name, one-line summary and function ``fn(quick, seed, out) -> dict``."""
+
+    name: str
+    summary: str
+    fn: Callable[..., dict]
+
+
+_REGISTRY: dict[str, Benchmark] = {}
+
+
+def register(name: str, summary: str) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
+    """Decorator: register ``fn(quick: bool, seed: int, out=print) -> dict`` as benchmark ``name``.
+
+    ``summary`` is the one line ``moco bench --list`` shows. Registering a different function under a
+    taken name raises MocoError (re-importing the same function is allowed).
+    """
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise MocoError(f"benchmark name must be a non-empty string without spaces, got {name!r}")
+
+    def deco(fn: Callable[..., dict]) -> Callable[..., dict]:
+        old = _REGISTRY.get(name)
+        if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise MocoError(f"benchmark {name!r} is already registered by {old.fn.__module__}.{old.fn.__qualname__}; "
+                            "choose another name")
+        _REGISTRY[name] = Benchmark(name, " ".join(summary.split()), fn)
+        return fn
+
+    return deco
+
+
+def _load(name: str) -> None:
+    """Import the module of built-in benchmark ``name`` (it registers itself), if not done yet."""
+    if name not in _REGISTRY and name in BENCHMARK_MODULES:
+        importlib.import_module(BENCHMARK_MODULES[name])
+
+
+def list_benchmarks() -> list[tuple[str, str]]:
+    """``(name, summary)`` of every benchmark, built-in and registered, sorted by name.
+
+    Imports the built-in benchmark modules (they import their heavy dependencies only when run); a
+    module that fails to import is listed with the error as its summary.
+    """
+    broken = {}
+    for name in BENCHMARK_MODULES:
+        try:
+            _load(name)
+        except Exception as exc:  # noqa: BLE001 - listing must not fail because one benchmark is broken
+            broken[name] = f"(cannot be loaded: {type(exc).__name__}: {exc})"
+    found = {name: bench.summary for name, bench in _REGISTRY.items()}
+    found.update({name: text for name, text in broken.items() if name not in found})
+    return sorted(found.items())
+
+
+def _names() -> list[str]:
+    return sorted(set(BENCHMARK_MODULES) | set(_REGISTRY))
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays, tensors, paths and sets."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (Path, set, frozenset)):
+        return str(obj) if isinstance(obj, Path) else sorted(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def run_benchmark(
+    name: str,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    json_path: str | Path | None = None,
+    stream: TextIO | None = None,
+) -> dict:
+    """Run benchmark ``name`` and return its result dict with a ``"meta"`` entry added.
+
+    Seeds ``random``, numpy and torch with ``seed``; ``quick=True`` asks the benchmark for its small,
+    fast version. The benchmark's table goes to ``stream`` (default: ``sys.stdout`` at call time),
+    followed by the result as one JSON object on one line, always the last line written. ``meta``
+    holds the torch, moco and python versions, threads, platform, seed, quick, ``wall_s`` (seconds the
+    benchmark ran) and ``peak_rss_mb`` (the process's peak resident memory so far, MB). With
+    ``json_path`` the result is also written there atomically (indented JSON). Unknown ``name`` ->
+    MocoError listing the benchmarks.
+    """
+    _load(name)
+    if name not in _REGISTRY:
+        raise MocoError(f"unknown benchmark {name!r}; choose one of: {', '.join(_names())} (see 'moco bench --list')")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MocoError(f"seed must be an int, got {seed!r}")
+    import numpy as np
+    import torch
+
+    import moco
+
+    stream = sys.stdout if stream is None else stream
+    out = functools.partial(print, file=stream, flush=True)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    result = _REGISTRY[name].fn(quick=bool(quick), seed=seed, out=out)
+    wall = time.perf_counter() - t0
+    if not isinstance(result, dict):
+        raise TypeError(f"benchmark {name!r} returned a {type(result).__name__}; benchmarks must return a dict")
+    meta = dict(result.get("meta") or {})
+    meta.update(
+        benchmark=name,
+        torch=torch.__version__,
+        moco=moco.__version__,
+        python=platform.python_version(),
+        threads=torch.get_num_threads(),
+        interop_threads=torch.get_num_interop_threads(),
+        platform=platform.platform(),
+        seed=seed,
+        quick=bool(quick),
+        wall_s=round(wall, 3),
+        peak_rss_mb=round(_peak_rss_mb(), 1),
+    )
+    result = {**result, "meta": meta}
+    line = json.dumps(result, sort_keys=True, default=_json_default)
+    result = json.loads(line)  # the caller gets exactly what was printed (plain JSON types)
+    if json_path is not None:
+        from moco.io import write_json_atomic
+
+        write_json_atomic(json_path, result)
+    out(line)
+    return result
