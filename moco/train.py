@@ -8,8 +8,9 @@ every step (and its cost) visible.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,10 @@ def save_checkpoint(
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "arch": dict(arch) if arch else None,
-        "meta": dict(meta or {}),
+        "arch": json.loads(json.dumps(dict(arch), default=str)) if arch else None,
+        # plain JSON types only, so the file loads with weights_only=True (e.g. torch.__version__ is a
+        # TorchVersion object that the safe unpickler refuses)
+        "meta": json.loads(json.dumps(dict(meta or {}), default=str)),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     if optimizer is not None:
@@ -232,7 +235,9 @@ def _read_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; the user needs one message
-        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        reason = [ln for ln in lines if "Unpickler error" in ln or "Unsupported global" in ln]
+        last = (reason or lines or [type(exc).__name__])[-1]
         raise CheckpointError(f"cannot read checkpoint {path} safely (weights_only=True): {last}") from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         if state.get("version") != CHECKPOINT_VERSION:
@@ -337,7 +342,7 @@ def pretrained(
         "recipe": recipe,
         "seed": seed,
         "train_seconds": result.seconds,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
     }
     save_checkpoint(model, path, arch=arch, meta=meta)

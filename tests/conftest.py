@@ -4,6 +4,7 @@ import os
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
 
@@ -17,3 +18,13 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("MOCO_CACHE", None)
     else:
         os.environ["MOCO_CACHE"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the suite: on a busy 2-core machine, thread hand-offs make the small
+    convolutions of these tests 100x slower. Benchmarks (not tests) measure the threaded speed."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -24,15 +24,6 @@ from moco.errors import MocoError
 from moco.models import create
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy machine, thread hand-offs make tiny convolutions 100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def seed_cnn() -> nn.Sequential:
     torch.manual_seed(0)
@@ -335,6 +326,9 @@ _MEMORY_PROBE = textwrap.dedent(
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    def current():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     torch.manual_seed(0)
     model = create("seed_cnn")
@@ -344,17 +338,18 @@ _MEMORY_PROBE = textwrap.dedent(
     build_embeddings_and_predictions(model, x[:200], 2, batch_size=100, progress=False,
                                      out=os.path.join(folder, "warm.npy"))
     before = peak()
+    headroom = before - current()  # growth below this would not move the high-water mark
     emb, _ = build_embeddings_and_predictions(model, x, 2, batch_size=100, progress=False,
                                               out=os.path.join(folder, "emb.npy"))
     growth = peak() - before
     assert emb.shape == (2000, 32, 26, 26) and float(np.abs(emb[-1]).sum()) > 0
     nbytes = emb.nbytes
     del emb
-    # Control: holding an array of that size in memory does move the high-water mark.
-    base = peak()
+    # Control: holding an array of that size in memory is visible to the probe.
+    base = current()
     held = np.ones((2000, 32, 26, 26), np.float32)
-    control = peak() - base
-    print(growth, control, nbytes)
+    control = current() - base
+    print(growth, control, nbytes, headroom)
     """
 )
 
@@ -365,7 +360,8 @@ def test_out_keeps_peak_memory_far_below_array_size(tmp_path):
         [sys.executable, "-c", _MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    growth, control, nbytes = map(int, result.stdout.split()[-3:])
+    growth, control, nbytes, headroom = map(int, result.stdout.split()[-4:])
     assert nbytes == 2000 * 32 * 26 * 26 * 4  # 173 MB
     assert control > nbytes // 2, (growth, control, nbytes)  # the probe can see an array of that size
-    assert growth < nbytes // 4, (growth, control, nbytes)  # streaming holds a few batches at most
+    # peak growth + headroom bounds the extra memory the capture held at any time
+    assert growth + max(headroom, 0) < nbytes // 2, (growth, headroom, nbytes)  # a few batches, not the array

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from moco.cli import main
 from moco.train import load_checkpoint
@@ -59,6 +58,9 @@ def test_demo_on_digits_trains_profiles_and_saves(capsys, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dataset"] == "digits" and report["bottleneck"] == "2"
     assert report["accuracy_test"] > 0.5
+    rules = report["rules"]  # seed 000's step: certified rules at layer 2, BranchedNetwork on the test images
+    assert rules["layer"] == 2 and 0.0 <= rules["coverage_test"] <= 1.0
+    assert rules["agreement_test"] >= 0.9 and rules["ratio_vs_eager"] > 0
     assert (tmp_path / "profile.png").stat().st_size > 1000
     model, meta = load_checkpoint(tmp_path / "seed_cnn.pt")
     assert meta["dataset"] == "digits"

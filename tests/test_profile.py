@@ -20,15 +20,6 @@ from moco.profile.counting import ZERO_COST_OPS
 ZOO_KWARGS = {"resnet18": {"width_multiplier": 0.25}, "mobilenet_v1": {"width_multiplier": 0.25}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded shared CPU, OpenMP spinning makes tiny convs 100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def seed_profile() -> Profile:
     torch.manual_seed(0)

@@ -121,3 +121,10 @@ def test_training_input_errors():
         fit(small_net(), [1, 2, 3], progress=False)
     with pytest.raises(MocoError, match="optimizer"):
         fit(small_net(), (x, y), optimizer="lbfgs", progress=False)
+
+
+def test_checkpoint_meta_with_torch_objects_still_loads_safely(tmp_path):
+    # torch.__version__ is a TorchVersion (a str subclass) that weights_only=True refuses to unpickle
+    path = save_checkpoint(small_net(), tmp_path / "m.pt", meta={"torch": torch.__version__, "shape": (1, 2)})
+    _, meta = load_checkpoint(path, model=small_net())
+    assert meta["torch"] == str(torch.__version__) and meta["shape"] == [1, 2]

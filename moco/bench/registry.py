@@ -29,6 +29,7 @@ from moco.errors import MocoError
 #: Built-in benchmark name -> module that registers it when imported.
 BENCHMARK_MODULES: dict[str, str] = {
     "baselines": "moco.bench.bench_baselines",
+    "rules-mnist": "moco.bench.bench_rules_mnist",
 }
 
 
