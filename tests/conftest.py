@@ -28,3 +28,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def seed_cnn():
+    """Seed 000's CNN with seeded random weights, in eval mode (shared by the split, capture and branch tests)."""
+    from moco.models import create
+
+    torch.manual_seed(0)
+    return create("seed_cnn").eval()

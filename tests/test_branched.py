@@ -45,12 +45,6 @@ class ThresholdRule:
 
 
 @pytest.fixture(scope="module")
-def seed_cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return create("seed_cnn").eval()
-
-
-@pytest.fixture(scope="module")
 def x() -> torch.Tensor:
     return torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 

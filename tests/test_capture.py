@@ -25,12 +25,6 @@ from moco.models import create
 
 
 @pytest.fixture(scope="module")
-def seed_cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return create("seed_cnn").eval()
-
-
-@pytest.fixture(scope="module")
 def resnet() -> nn.Module:
     torch.manual_seed(0)
     return create("resnet18", width_multiplier=0.25, in_channels=1).eval()

@@ -26,12 +26,6 @@ def _assert_untouched(model: nn.Module, state: dict[str, torch.Tensor], modules:
 
 
 @pytest.fixture(scope="module")
-def seed_cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return create("seed_cnn").eval()
-
-
-@pytest.fixture(scope="module")
 def resnet() -> nn.Module:
     torch.manual_seed(0)
     model = create("resnet18", width_multiplier=0.25, in_channels=1)
