@@ -30,6 +30,10 @@ from moco.errors import MocoError
 BENCHMARK_MODULES: dict[str, str] = {
     "baselines": "moco.bench.bench_baselines",
     "rules-mnist": "moco.bench.bench_rules_mnist",
+    "exits-fashion": "moco.bench.bench_exits_fashion",
+    "exits-mnist-retrofit": "moco.bench.bench_exits_mnist_retrofit",
+    "prune-fashion": "moco.bench.bench_prune_fashion",
+    "pfa-fashion": "moco.bench.bench_pfa_fashion",
 }
 
 

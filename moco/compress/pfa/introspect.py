@@ -1,0 +1,195 @@
+"""Stream pooled layer responses into per-layer :class:`RunningCovariance` accumulators.
+
+Two sources:
+
+* a model and data: one forward pass per batch; a global forward hook (filtered by module identity,
+  removed afterwards, nothing registered on the model) pools each chosen module's output to
+  ``[B, units]`` and the batch is merged into float64 statistics at once, so only one batch of
+  responses is ever held;
+* an iterable of ``{layer: [B, units] array}`` batches (pre-computed responses, like DNIKit's
+  producers); ``[B, C, H, W]`` arrays are pooled the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moco.batches import iter_batches
+from moco.capture import _checked_input, _device_of, _eval_mode, _expected_samples, _resolve_layers, _run
+from moco.compress.pfa.stats import RunningCovariance
+from moco.errors import MocoError
+
+__all__ = ["Accumulator", "default_layers", "pooler", "stream_model", "stream_responses"]
+
+Pooler = Callable[[Any], Any]
+
+
+def pooler(pooling: str | Callable | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The spatial pooling applied to ``[B, C, H, W]`` responses: "max", "avg"/"mean", None or a callable.
+
+    ``[B, units]`` responses pass through unchanged; a callable must return ``[B, units]``.
+    """
+    if callable(pooling):
+        return pooling
+    if pooling not in ("max", "avg", "mean", None):
+        raise MocoError(f"pooling must be 'max', 'avg' (or 'mean'), None or a callable, got {pooling!r}")
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return x
+        if pooling is None:
+            raise MocoError(f"a response has shape {tuple(x.shape)}, not [B, units]; pass pooling='max' or 'avg'")
+        if x.dim() < 3:
+            raise MocoError(f"cannot pool a response of shape {tuple(x.shape)}; expected [B, C, ...] or [B, units]")
+        dims = tuple(range(2, x.dim()))
+        return x.amax(dim=dims) if pooling == "max" else x.mean(dim=dims)
+
+    return pool
+
+
+class Accumulator:
+    """Per-layer running statistics plus the number of samples with NaN/inf responses."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, RunningCovariance] = {}
+        self.nonfinite: dict[str, int] = {}
+
+    def add(self, name: str, pooled: Any) -> None:
+        if isinstance(pooled, torch.Tensor):
+            pooled = pooled.detach().to("cpu", torch.float64).numpy()
+        arr = np.asarray(pooled)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise MocoError(f"responses of {name!r} are not numeric (dtype {arr.dtype})")
+        arr = arr.astype(np.float64, copy=False)
+        if arr.ndim != 2:
+            raise MocoError(f"pooled responses of {name!r} must be [B, units], got shape {arr.shape}")
+        finite = np.isfinite(arr).all(axis=1)
+        acc = self.stats.setdefault(name, RunningCovariance())
+        if not finite.all():
+            self.nonfinite[name] = self.nonfinite.get(name, 0) + int((~finite).sum())
+            arr = arr[finite]
+        try:
+            acc.update(arr)
+        except MocoError as err:
+            raise MocoError(f"layer {name!r}: {err}") from None
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Every ``Conv2d`` and ``Linear`` module except the last one in module order (the classifier)."""
+    names = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Linear))]
+    if len(names) < 2:
+        raise MocoError(
+            f"{type(model).__name__} has no Conv2d/Linear layer besides its classifier; pass layers=[...] "
+            "with the qualified names (model.named_modules()) of the layers to analyse"
+        )
+    return names[:-1]
+
+
+def stream_model(model: nn.Module, data: Any, layers: list[str] | None, pool: Callable, batch_size: int,
+                 progress: bool) -> tuple[Accumulator, list[str]]:
+    """Run ``model`` over ``data`` and accumulate the pooled outputs of ``layers`` (qualified names)."""
+    names = default_layers(model) if layers is None else layers
+    targets = _resolve_layers(model, names)
+    by_module = {id(m): n for n, m in targets.items()}
+    acc = Accumulator()
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        name = by_module.get(id(module))
+        if name is None:
+            return
+        if name in outputs:
+            raise MocoError(f"module {name!r} runs more than once per forward pass; analyse a module that runs once")
+        if not isinstance(output, torch.Tensor):
+            raise MocoError(f"module {name!r} returns a {type(output).__name__}, not a tensor")
+        pooled = pool(output)
+        if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or pooled.shape[0] != output.shape[0]:
+            raise MocoError(f"pooling turned the output of {name!r} {tuple(output.shape)} into "
+                            f"{getattr(pooled, 'shape', type(pooled).__name__)}; it must give [B, units]")
+        outputs[name] = pooled
+
+    expected = _expected_samples(data)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_eval_mode(model))
+        stack.enter_context(torch.inference_mode())
+        bar = stack.enter_context(tqdm(total=expected, unit="sample", desc="PFA introspect", disable=not progress,
+                                       leave=False))
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        stack.callback(handle.remove)
+        device = _device_of(model)
+        start = 0
+        for x, _ in iter_batches(data, batch_size):
+            x = _checked_input(x, start, device)
+            outputs.clear()
+            _run(model, x, tuple(x.shape))
+            missing = [n for n in targets if n not in outputs]
+            if missing:
+                raise MocoError(f"modules {missing} did not run during the forward pass; analyse modules that run")
+            for name in targets:
+                acc.add(name, outputs[name])
+            outputs.clear()
+            start += x.shape[0]
+            bar.update(x.shape[0])
+    if start == 0:
+        raise MocoError("the data yielded no samples; nothing to introspect")
+    return acc, list(targets)
+
+
+def _fields(batch: Any) -> Mapping:
+    if isinstance(batch, Mapping):
+        return batch
+    fields = getattr(batch, "fields", None)
+    if isinstance(fields, Mapping):
+        return fields
+    raise TypeError(
+        f"each batch of responses must be a mapping {{layer name: [B, units] array}}, got {type(batch).__name__}; "
+        "to analyse a model on data, pass model=..."
+    )
+
+
+def stream_responses(source: Iterable, layers: list[str] | None, pool: Callable,
+                     progress: bool) -> tuple[Accumulator, list[str]]:
+    """Accumulate an iterable of ``{layer: [B, units]}`` batches (``[B, C, H, W]`` is pooled)."""
+    if isinstance(source, Mapping):
+        source = [source]
+    if isinstance(source, (torch.Tensor, np.ndarray, str, bytes)) or not isinstance(source, Iterable):
+        raise TypeError(
+            f"source is a {type(source).__name__}: pass model=... to analyse a model on this data, or an "
+            "iterable of {layer name: [B, units] array} batches of pre-computed responses"
+        )
+    wanted = None if layers is None else list(layers)
+    order: list[str] = []
+    acc = Accumulator()
+    batches = 0
+    for batch in tqdm(source, desc="PFA introspect", unit="batch", disable=not progress, leave=False):
+        fields = _fields(batch)
+        batches += 1
+        for name, value in fields.items():
+            if wanted is not None and name not in wanted:
+                continue
+            if not isinstance(name, str):
+                raise TypeError(f"layer names must be str, got {type(name).__name__}")
+            t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+            if t.dim() >= 1 and not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32,
+                                                                             torch.int64, torch.uint8, torch.bool)):
+                raise MocoError(f"responses of {name!r} have dtype {t.dtype}; pass real numbers")
+            pooled = pool(t.to(torch.float64) if t.dim() >= 1 else t)
+            if name not in acc.stats:
+                order.append(name)
+            acc.add(name, pooled)
+    if batches == 0:
+        raise MocoError("the source yielded no batches; nothing to introspect")
+    if wanted is not None:
+        missing = [n for n in wanted if n not in acc.stats]
+        if missing:
+            raise MocoError(f"layers {missing} never appeared in the batches; layers seen: {order}")
+        order = [n for n in wanted]
+    if not order:
+        raise MocoError("the batches held no responses; each batch must map layer names to [B, units] arrays")
+    return acc, order

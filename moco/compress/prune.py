@@ -1,0 +1,666 @@
+"""Magnitude pruning (seed 003): L1-norm unit importance, one-shot selection and the iterative
+prune-retrain loop, producing the ``keep`` dict that :func:`moco.compress.surgery.apply` turns into a
+physically smaller dense model.
+
+* :func:`l1_importance` -- Li et al. 2017, "Pruning Filters for Efficient ConvNets": the importance of
+  an output unit is the sum of the absolute values of its weights (a ``Conv2d`` filter
+  ``W[c]`` of shape ``(Cin/groups, kH, kW)``, a ``Linear`` row ``W[j]``); the bias is not counted.
+* :func:`select_one_shot` -- remove a fraction of the units at once, per layer or globally.
+* :class:`IterativePruner` -- seed 003's Step-3 loop, batched so it runs in minutes: remove the least
+  important units of one layer, retrain briefly with the removed units held at zero, log accuracy
+  before the prune, after it and after retraining, and stop (rolling the step back) when the
+  accuracy drop against the unpruned model exceeds a threshold.
+* :func:`masked_copy` -- seed 003's emulation of pruning: a copy of the model with the pruned units'
+  weights zeroed (same size, same speed); :func:`masked_equivalent` builds that zero-masked twin of a
+  smaller model made by surgery, so both can be timed side by side.
+
+Pruning never modifies the caller's model: every function works on a ``copy.deepcopy``.
+
+Units: accuracies are fractions in [0, 1]; ``drop_threshold`` is a fraction of accuracy (0.01 = one
+percentage point); logged drops (``drop_points``) are in percentage points.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moco.batches import as_tensors
+from moco.errors import MocoError
+
+PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _prunable_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and name]
+
+
+def _layer(model: nn.Module, name: Any) -> nn.Module:
+    """The Conv2d / Linear module called ``name`` (MocoError naming the prunable layers otherwise)."""
+    if not isinstance(name, str):
+        raise TypeError(f"layer names are strings as in model.named_modules() (e.g. '0' or 'layer1.0.conv1'), "
+                        f"got {type(name).__name__} {name!r}")
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        raise MocoError(f"unknown layer {name!r}; prunable layers (Conv2d/Linear) are: "
+                        f"{', '.join(repr(n) for n in _prunable_names(model)) or 'none'}")
+    module = modules[name]
+    if not isinstance(module, PRUNABLE_TYPES):
+        raise MocoError(f"layer {name!r} is a {type(module).__name__}; only Conv2d (output channels) and Linear "
+                        f"(output features) can be pruned: {', '.join(repr(n) for n in _prunable_names(model))}")
+    return module
+
+
+def _layer_list(model: nn.Module, layers: Iterable[str] | str | None, *, allow_none: bool = True) -> list[str]:
+    if layers is None:
+        if not allow_none:
+            raise MocoError("layers is required: name the Conv2d/Linear layers to prune, e.g. layers=['0', '2', '5']")
+        return _prunable_names(model)
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise MocoError("layers is empty; name at least one Conv2d/Linear layer to prune")
+    if len(set(names)) != len(names):
+        raise MocoError(f"layers lists a layer twice: {names}")
+    for name in names:
+        _layer(model, name)
+    return names
+
+
+def _units(module: nn.Module) -> int:
+    return int(module.weight.shape[0])
+
+
+def _as_fraction(value: Any, what: str, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MocoError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------------ importance
+
+
+@torch.no_grad()
+def l1_importance(model: nn.Module, layers: Iterable[str] | str | None = None) -> dict[str, np.ndarray]:
+    """L1-norm importance of every output unit of the named layers (Li et al. 2017).
+
+    ``layers``: qualified names (as in ``model.named_modules()``) of ``Conv2d`` / ``Linear`` layers;
+    default: every one of them. Returns name -> float64 array of length ``out_channels`` /
+    ``out_features``: the sum of ``|w|`` over a filter (Conv2d, over input channels and kernel) or
+    over a row (Linear), bias excluded. Larger is more important. The model is not modified.
+    """
+    _check_model(model)
+    names = _layer_list(model, layers)
+    out = {}
+    for name in names:
+        w = _layer(model, name).weight.detach()
+        out[name] = w.abs().reshape(w.shape[0], -1).sum(dim=1).double().cpu().numpy()
+    return out
+
+
+def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> list[tuple[str, ...]]:
+    """Pruning groups: tuples of layers whose units are tied (pruned with the same indices).
+
+    Without ``example_input`` each named layer is its own group. With it, the surgery helper's
+    ``dependency_groups`` ties e.g. the convolutions feeding one residual add, and refuses layers
+    whose units cannot be removed (the model's output layer).
+    """
+    if example_input is None:
+        if layers is None:
+            raise MocoError("name the layers to prune (layers=[...]) or pass example_input= so that the output "
+                            "layer and tied layers (residual adds) can be found by tracing")
+        return [(name,) for name in layers]
+    from moco.compress.surgery import dependency_groups
+
+    groups = dependency_groups(model, example_input)
+    by_layer = {name: g for g in groups for name in g.layers}
+    if layers is None:
+        return [tuple(g.layers) for g in groups if g.prunable]
+    chosen: list[tuple[str, ...]] = []
+    for name in layers:
+        g = by_layer.get(name)
+        if g is None:
+            chosen.append((name,))
+            continue
+        if not g.prunable:
+            raise MocoError(f"layer {name!r} cannot be pruned: its units are the model's outputs (or tied to them); "
+                            "leave it out of layers")
+        if tuple(g.layers) not in chosen:
+            chosen.append(tuple(g.layers))
+    return chosen
+
+
+def _group_scores(importance: Mapping[str, np.ndarray], group: Sequence[str]) -> np.ndarray:
+    """A group's unit scores: the mean over its layers of each layer's L1 divided by that layer's mean L1."""
+    parts = []
+    for name in group:
+        s = np.asarray(importance[name], dtype=np.float64)
+        mean = s.mean()
+        parts.append(s / mean if mean > 0 else np.zeros_like(s))
+    sizes = {len(p) for p in parts}
+    if len(sizes) != 1:
+        raise MocoError(f"tied layers {list(group)} have different unit counts {[len(p) for p in parts]}")
+    return np.mean(parts, axis=0)
+
+
+def select_one_shot(
+    model: nn.Module,
+    ratio: float,
+    *,
+    scope: str = "layer",
+    layers: Iterable[str] | str | None = None,
+    example_input: torch.Tensor | None = None,
+    min_units: int = 1,
+) -> dict[str, list[int]]:
+    """Choose the units to keep when removing a fraction ``ratio`` of them at once by L1 importance.
+
+    ``ratio``: fraction of units removed, in [0, 1) (0.75 keeps a quarter). ``scope="layer"``: every
+    layer loses ``floor(ratio * units)`` of its own lowest-L1 units. ``scope="global"``: the units of
+    all layers compete; each layer's L1 values are divided by that layer's mean L1 first (layers have
+    different fan-in, so raw L1 values are not comparable), and the ``floor(ratio * total units)``
+    lowest are removed. Either way every layer keeps at least ``min_units``.
+
+    ``layers``: names of the Conv2d / Linear layers to prune (default: every prunable layer, which
+    needs ``example_input``). With ``example_input`` the model is traced
+    (:func:`moco.compress.surgery.dependency_groups`): tied layers (e.g. the convolutions feeding a
+    residual add) are pruned with the same indices, scored by the mean of their normalised L1, and the
+    output layer is refused. Returns ``{layer: sorted kept indices}`` for :func:`moco.compress.surgery.apply`.
+    """
+    _check_model(model)
+    ratio = _as_fraction(ratio, "ratio")
+    if not 0 <= ratio < 1:
+        raise MocoError(f"ratio is the fraction of units to remove and must be in [0, 1), got {ratio}")
+    if scope not in ("layer", "global"):
+        raise MocoError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 1:
+        raise MocoError(f"min_units must be an int >= 1, got {min_units!r}")
+    names = None if layers is None else _layer_list(model, layers)
+    groups = _groups(model, names, example_input)
+    if not groups:
+        raise MocoError("no prunable layers found")
+    importance = l1_importance(model, sorted({n for g in groups for n in g}))
+    scores = [_group_scores(importance, g) for g in groups]
+    removed: list[set[int]] = [set() for _ in groups]
+    if scope == "layer":
+        for i, s in enumerate(scores):
+            n_remove = min(int(math.floor(ratio * len(s) + 1e-9)), max(len(s) - min_units, 0))
+            removed[i] = set(np.argsort(s, kind="stable")[:n_remove].tolist())
+    else:
+        total = sum(len(s) for s in scores)
+        budget = int(math.floor(ratio * total + 1e-9))
+        order = sorted(((float(v), gi, u) for gi, s in enumerate(scores) for u, v in enumerate(s)))
+        for _, gi, u in order:
+            if budget == 0:
+                break
+            if len(scores[gi]) - len(removed[gi]) > min_units:
+                removed[gi].add(u)
+                budget -= 1
+    keep: dict[str, list[int]] = {}
+    for g, s, r in zip(groups, scores, removed):
+        kept = [u for u in range(len(s)) if u not in r]
+        for name in g:
+            keep[name] = kept
+    return keep
+
+
+# ------------------------------------------------------------------------------------------ masking
+
+
+def _check_keep(model: nn.Module, keep: Mapping[str, Any]) -> dict[str, list[int]]:
+    if not isinstance(keep, Mapping):
+        raise TypeError(f"keep must be a dict layer name -> kept unit indices, got {type(keep).__name__}")
+    out = {}
+    for name, idx in keep.items():
+        module = _layer(model, name)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.tolist()
+        values = [int(i) for i in np.asarray(list(idx)).reshape(-1)]
+        units = _units(module)
+        if len(set(values)) != len(values):
+            raise MocoError(f"keep[{name!r}] lists a unit twice")
+        bad = [i for i in values if not 0 <= i < units]
+        if bad:
+            raise MocoError(f"keep[{name!r}] has indices {bad[:5]} outside 0..{units - 1}")
+        if not values:
+            raise MocoError(f"keep[{name!r}] is empty; a layer must keep at least one unit")
+        out[name] = sorted(values)
+    return out
+
+
+def _bn_followers(model: nn.Module) -> dict[str, list[str]]:
+    """Layer name -> BatchNorm modules that read its output directly (found with torch.fx; {} if untraceable)."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - best effort: plain conv/linear masks still hold
+        return {}
+    modules = dict(model.named_modules())
+    out: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), PRUNABLE_TYPES):
+            for user in node.users:
+                if user.op == "call_module" and isinstance(modules.get(user.target), nn.modules.batchnorm._BatchNorm):
+                    out.setdefault(node.target, []).append(user.target)
+    return out
+
+
+def _mask_tensors(model: nn.Module, keep: Mapping[str, list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, 0/1 mask of the same shape) pairs zeroing the pruned units of ``keep``.
+
+    A unit's weights and bias are masked, and so are the scale and shift of a BatchNorm that reads the
+    layer directly, so the masked unit outputs exactly zero as if it were removed.
+    """
+    followers = _bn_followers(model)
+    modules = dict(model.named_modules())
+    pairs = []
+    for name, kept in keep.items():
+        module = modules[name]
+        alive = torch.zeros(_units(module), dtype=torch.bool)
+        alive[list(kept)] = True
+        targets = [module] + [modules[b] for b in followers.get(name, [])]
+        for target in targets:
+            for pname in ("weight", "bias"):
+                p = getattr(target, pname, None)
+                if isinstance(p, torch.Tensor):
+                    shape = (-1,) + (1,) * (p.dim() - 1)
+                    mask = alive.to(p.dtype).reshape(shape).expand_as(p).clone()
+                    pairs.append((p, mask))
+    return pairs
+
+
+@torch.no_grad()
+def _apply_masks(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for p, mask in pairs:
+        p.mul_(mask)
+
+
+class _HoldMasked:
+    """Context: gradient hooks that zero the gradient of masked entries, so an optimizer with a fresh
+    state leaves them exactly zero (Adam and SGD with momentum, weight decay included); the masks are
+    re-applied on exit as a safety net. Works only on moco's private copy of a model."""
+
+    def __init__(self, pairs):
+        self.pairs, self.handles = pairs, []
+
+    def __enter__(self):
+        _apply_masks(self.pairs)
+        for p, mask in self.pairs:
+            if p.requires_grad:
+                self.handles.append(p.register_hook(lambda g, m=mask: g * m))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        _apply_masks(self.pairs)
+        return False
+
+
+def masked_copy(model: nn.Module, keep: Mapping[str, Any]) -> nn.Module:
+    """Seed 003's emulation of pruning: a deep copy of ``model`` whose pruned units are zeroed.
+
+    ``keep``: ``{layer: kept unit indices}`` as for :func:`moco.compress.surgery.apply`. In the copy
+    every unit not kept has its weights and bias set to 0 (and the scale/shift of a BatchNorm reading
+    it directly), so it outputs 0; the copy has the original's size and runs at its speed. The caller's
+    model is not modified.
+    """
+    _check_model(model)
+    work = copy.deepcopy(model)
+    keep = _check_keep(work, keep)
+    _apply_masks(_mask_tensors(work, keep))
+    return work
+
+
+@torch.no_grad()
+def masked_equivalent(original: nn.Module, small: nn.Module, keep: Mapping[str, Any], *,
+                      example_input: torch.Tensor, atol: float = 1e-4) -> nn.Module:
+    """The zero-masked twin of ``small`` in ``original``'s architecture (seed 003's "pruned model").
+
+    ``small`` must be ``moco.compress.surgery.apply(m, keep, example_input)`` of a model ``m`` shaped
+    like ``original`` (possibly fine-tuned since). Returns a deep copy of ``original`` holding ``small``'s
+    weights at the kept positions and zeros elsewhere; it computes the same function as ``small`` at the
+    original size. The positions are found by running the surgery on a copy whose entries are their own
+    indices, so every rule of the surgery (flatten groups, tied layers) is followed. Raises MocoError
+    when the result's outputs on ``example_input`` differ from ``small``'s by more than ``atol``.
+    """
+    from moco.compress.surgery import apply
+
+    _check_model(original)
+    _check_model(small)
+    keep = _check_keep(original, keep)
+    probe = copy.deepcopy(original).double()
+    tensors = {**dict(probe.named_parameters()), **dict(probe.named_buffers())}
+    for t in tensors.values():
+        if t.is_floating_point():
+            t.copy_(torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape))
+    index_model = apply(probe, keep, example_input=example_input.double())
+    out = copy.deepcopy(original)
+    target = {**dict(out.named_parameters()), **dict(out.named_buffers())}
+    source = {**dict(small.named_parameters()), **dict(small.named_buffers())}
+    positions = {**dict(index_model.named_parameters()), **dict(index_model.named_buffers())}
+    for name, t in target.items():
+        if not t.is_floating_point():
+            if name in source:
+                t.copy_(source[name])
+            continue
+        if name not in source or name not in positions:
+            raise MocoError(f"{name!r} of the original has no counterpart in the smaller model; was `small` made "
+                            "by moco.compress.surgery.apply from this architecture?")
+        pos = positions[name].reshape(-1).round().long()
+        src = source[name].detach().reshape(-1).to(t.dtype)
+        if pos.numel() != src.numel():
+            raise MocoError(f"{name!r}: the smaller model has {src.numel()} entries, the surgery of `keep` gives "
+                            f"{pos.numel()}; pass the keep dict the smaller model was made with")
+        if name.endswith("running_var"):
+            flat = torch.ones(t.numel(), dtype=t.dtype)
+        else:
+            flat = torch.zeros(t.numel(), dtype=t.dtype)
+        flat[pos] = src
+        t.copy_(flat.reshape(t.shape))
+    out.train(small.training)
+    was = (out.training, small.training)
+    out.eval(), small.eval()
+    try:
+        diff = float((out(example_input) - small(example_input)).abs().max())
+    finally:
+        out.train(was[0]), small.train(was[1])
+    if not diff <= atol:
+        raise MocoError(f"the zero-masked model differs from the smaller one by {diff:.3g} > atol {atol:g} on "
+                        "example_input; pass the keep dict the smaller model was made with")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ iterative
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    """One step of :class:`IterativePruner`: the units of ``layer`` removed together and what it cost.
+
+    Accuracies are fractions on the validation data: ``accuracy_before`` (current model),
+    ``accuracy_pruned`` (right after zeroing the units), ``accuracy_retrained`` (after retraining);
+    ``drop_points`` = (unpruned accuracy - retrained accuracy) * 100, in percentage points;
+    ``accepted``: False when the drop exceeded the threshold and the step was rolled back;
+    ``units_before`` / ``units_after``: the layer's live units before / after the step (after = before
+    when rolled back); ``seconds``: wall-clock time of the step.
+    """
+
+    step: int
+    layer: str
+    removed: tuple[int, ...]
+    units_before: int
+    units_after: int
+    accuracy_before: float
+    accuracy_pruned: float
+    accuracy_retrained: float
+    drop_points: float
+    accepted: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the fields (``removed`` as a list)."""
+        d = asdict(self)
+        d["removed"] = list(self.removed)
+        return d
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    from moco.train import evaluate
+
+    return evaluate(model, (x, y), batch_size=max(batch_size, 1000)).accuracy
+
+
+def _labelled_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    pair = as_tensors(data)
+    if pair is None:
+        raise TypeError(f"{what} must be in memory: an (x, y) pair of tensors or a dataset with .tensors(), "
+                        f"got {type(data).__name__}")
+    x, y = pair
+    if y is None:
+        raise MocoError(f"{what} has no labels; pass (x, y)")
+    if len(x) == 0:
+        raise MocoError(f"{what} is empty; pass at least one labelled sample")
+    return x, y
+
+
+class IterativePruner:
+    """Seed 003's prune-retrain loop with L1 importance, batched to run in minutes on a CPU.
+
+    Layers are pruned one after the other, in the order given (seed 003: conv1, conv2, hidden). For
+    each layer, one step:
+
+    1. ranks the layer's live units by L1 norm (:func:`l1_importance`, current weights) and zeroes the
+       ``n`` lowest (weights, bias, a directly following BatchNorm's scale/shift);
+    2. evaluates on ``val_data`` (``accuracy_pruned``), retrains for ``retrain_epochs`` epoch(s) on a
+       fresh random subset of ``retrain_samples`` training samples with the pruned entries held at
+       exactly zero (their gradients are masked), and evaluates again (``accuracy_retrained``);
+    3. accepts the step if the drop against the unpruned model, ``base - retrained``, is at most
+       ``drop_threshold``; otherwise restores the weights from before the step (rollback).
+
+    Schedule: the first step of a layer removes ``n = max(1, round(step * live units))`` units
+    (``step`` a fraction in (0, 1]) or ``step`` units (an int); after an accepted step ``n`` is
+    recomputed from the live units but never above the current cap; after a rolled-back step the cap
+    halves. The layer is done when a 1-unit step is rolled back, ``min_units`` remain, or
+    ``max_steps`` steps (all layers together) have run.
+
+    Two ways to hold a step's pruned units, with the same result (a fresh optimizer per retrain, so
+    zero gradients leave zero weights exactly zero): without ``example_input`` the work model keeps
+    its size and the pruned units are zeroed and held at zero (seed 003's emulation; any model with
+    Conv2d/Linear layers). With ``example_input`` every step is a real surgery
+    (:func:`moco.compress.surgery.apply`): the trial model is physically smaller, so evaluating and
+    retraining get cheaper as pruning proceeds, a rollback just drops the trial, and tied layers
+    (:func:`moco.compress.surgery.dependency_groups`, e.g. a residual add) are pruned together.
+
+    Parameters: ``layers`` (Conv2d/Linear names, in pruning order), ``drop_threshold`` (a fraction of
+    accuracy, 0.01 = 1 point), ``step``, ``min_units`` (per layer), ``retrain_samples`` (None: all),
+    ``retrain_epochs``, ``lr``, ``optimizer`` (``"adam"``/``"sgd"``), ``batch_size``, ``seed``,
+    ``example_input`` (one input batch; switches to surgery per step), ``max_steps``, ``progress``.
+
+    After :meth:`fit`: ``keep_`` (``{layer: kept indices}`` for ``surgery.apply``), ``model_`` (the
+    zero-masked, retrained copy at the original size, in eval mode; the caller's model is never
+    modified), ``small_`` (with ``example_input``: the physically smaller retrained model, which
+    computes what ``model_`` computes; else None), ``log_`` (tuple of :class:`PruneStep`),
+    ``base_accuracy_``, ``accuracy_`` (validation accuracy of ``model_``), ``units_`` (original units
+    per layer), ``history_`` (``keep`` after every accepted step, for Pareto plots), ``seconds_``.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        *,
+        drop_threshold: float = 0.01,
+        step: float | int = 0.25,
+        min_units: int = 1,
+        retrain_samples: int | None = 10_000,
+        retrain_epochs: int = 1,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        batch_size: int = 128,
+        seed: int = 0,
+        example_input: torch.Tensor | None = None,
+        max_steps: int = 500,
+        progress: bool = True,
+    ):
+        self.layers = layers
+        self.drop_threshold = drop_threshold
+        self.step = step
+        self.min_units = min_units
+        self.retrain_samples = retrain_samples
+        self.retrain_epochs = retrain_epochs
+        self.lr = lr
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.seed = seed
+        self.example_input = example_input
+        self.max_steps = max_steps
+        self.progress = progress
+
+    def _check_params(self) -> None:
+        thr = _as_fraction(self.drop_threshold, "drop_threshold")
+        if not 0 <= thr < 1:
+            raise MocoError(f"drop_threshold is the largest accepted accuracy drop as a fraction (0.01 = 1 point); "
+                            f"it must be in [0, 1), got {thr}")
+        s = self.step
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise MocoError(f"step must be a fraction in (0, 1] or an int >= 1 (units per step), got {s!r}")
+        if isinstance(s, float) and not 0 < s <= 1:
+            raise MocoError(f"step as a float is the fraction of live units removed per step, in (0, 1]; got {s}")
+        if isinstance(s, int) and s < 1:
+            raise MocoError(f"step as an int is the number of units removed per step, >= 1; got {s}")
+        for key in ("min_units", "retrain_epochs", "batch_size", "max_steps"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MocoError(f"{key} must be an int >= 1, got {v!r}")
+        rs = self.retrain_samples
+        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, int) or rs < 1):
+            raise MocoError(f"retrain_samples must be None (all) or an int >= 1, got {rs!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise MocoError(f"lr must be > 0, got {self.lr!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise MocoError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+    def _n_for(self, live: int) -> int:
+        if isinstance(self.step, int):
+            return self.step
+        return max(1, int(round(self.step * live)))
+
+    def fit(self, model: nn.Module, train_data: Any, val_data: Any) -> "IterativePruner":
+        """Prune a copy of ``model``; ``train_data`` for retraining, ``val_data`` (a split of the training
+        data, never the test set) for the accuracy drop. Both ``(x, y)`` tensors or a dataset with
+        ``.tensors()``. Returns self."""
+        from moco.train import fit as train_fit
+
+        _check_model(model)
+        self._check_params()
+        names = _layer_list(model, self.layers, allow_none=False)
+        x_tr, y_tr = _labelled_tensors(train_data, "train_data")
+        x_va, y_va = _labelled_tensors(val_data, "val_data")
+        groups = _groups(model, names, self.example_input)
+        physical = self.example_input is not None
+        if physical:
+            from moco.compress.surgery import apply
+        t_start = time.perf_counter()
+        work = copy.deepcopy(model)
+        modules = dict(work.named_modules())
+        units = {name: _units(modules[name]) for g in groups for name in g}
+        live = {g: list(range(units[g[0]])) for g in groups}
+        base = _evaluate(work, x_va, y_va, self.batch_size)
+        current = base
+        gen = torch.Generator().manual_seed(self.seed)
+        log: list[PruneStep] = []
+        history: list[dict[str, list[int]]] = []
+        thr = float(self.drop_threshold)
+
+        def keep_now() -> dict[str, list[int]]:
+            return {name: list(live[g]) for g in groups for name in g}
+
+        bar = tqdm(total=sum(len(v) for v in live.values()), desc="pruning", unit="unit",
+                   disable=not self.progress, leave=False)
+        steps = 0
+        for g in groups:
+            cap = self._n_for(len(live[g]))
+            while len(live[g]) > self.min_units and steps < self.max_steps:
+                t0 = time.perf_counter()
+                n = min(cap, self._n_for(len(live[g])), len(live[g]) - self.min_units)
+                scores = _group_scores(l1_importance(work, list(g)), g)
+                alive = np.asarray(live[g])
+                if physical:  # the work model holds only the live units: rank them by their local index
+                    local = np.argsort(scores, kind="stable")[:n]
+                    removed = sorted(alive[local].tolist())
+                    kept_local = sorted(set(range(len(alive))) - set(local.tolist()))
+                    trial = apply(work, {name: kept_local for name in g}, example_input=self.example_input)
+                    pairs = None
+                else:  # the work model has every unit; the pruned ones are held at zero
+                    order = alive[np.argsort(scores[alive], kind="stable")]
+                    removed = sorted(order[:n].tolist())
+                    kept = [u for u in live[g] if u not in removed]
+                    snapshot = copy.deepcopy(work.state_dict())
+                    pairs = _mask_tensors(work, {**keep_now(), **{name: kept for name in g}})
+                    _apply_masks(pairs)
+                    trial = work
+                acc_pruned = _evaluate(trial, x_va, y_va, self.batch_size)
+                steps += 1
+                idx = torch.randperm(len(x_tr), generator=gen)
+                if self.retrain_samples is not None:
+                    idx = idx[: self.retrain_samples]
+                with _HoldMasked(pairs or []):
+                    train_fit(trial, (x_tr[idx], y_tr[idx]), epochs=self.retrain_epochs, batch_size=self.batch_size,
+                              lr=self.lr, optimizer=self.optimizer, seed=self.seed + steps, progress=False)
+                acc_retrained = _evaluate(trial, x_va, y_va, self.batch_size)
+                drop = base - acc_retrained
+                accepted = drop <= thr + 1e-12
+                before = len(live[g])
+                if accepted:
+                    live[g] = [u for u in live[g] if u not in removed]
+                    history.append(keep_now())
+                    bar.update(len(removed))
+                    work = trial
+                elif not physical:
+                    work.load_state_dict(snapshot)  # roll back (the physical trial is simply dropped)
+                log.append(PruneStep(
+                    step=steps, layer=g[0] if len(g) == 1 else "+".join(g), removed=tuple(int(r) for r in removed),
+                    units_before=before, units_after=len(live[g]), accuracy_before=current,
+                    accuracy_pruned=acc_pruned, accuracy_retrained=acc_retrained, drop_points=100.0 * drop,
+                    accepted=accepted, seconds=time.perf_counter() - t0,
+                ))
+                bar.set_postfix(layer=g[0], units=len(live[g]), acc=f"{(acc_retrained if accepted else current):.4f}")
+                if accepted:
+                    current = acc_retrained
+                else:
+                    if n == 1:
+                        break
+                    cap = max(1, n // 2)
+        bar.close()
+        work.eval()
+        self.keep_ = keep_now()
+        if physical:
+            self.small_ = work
+            self.model_ = masked_equivalent(model, work, self.keep_, example_input=self.example_input).eval()
+        else:
+            self.small_ = None
+            self.model_ = work
+        self.log_ = tuple(log)
+        self.history_ = tuple(history)
+        self.base_accuracy_ = base
+        self.accuracy_ = current
+        self.units_ = units
+        self.seconds_ = time.perf_counter() - t_start
+        return self
+
+    def to_dataframe(self):
+        """The pruning log as a pandas DataFrame, one row per step (see :class:`PruneStep`)."""
+        import pandas as pd
+
+        if not hasattr(self, "log_"):
+            raise MocoError("call fit(model, train_data, val_data) before to_dataframe()")
+        return pd.DataFrame([s.to_dict() for s in self.log_]).set_index("step") if self.log_ else pd.DataFrame()
+
+    def summary(self) -> dict[str, Any]:
+        """Units per layer before/after, base and final validation accuracy (fractions), steps, seconds."""
+        if not hasattr(self, "log_"):
+            raise MocoError("call fit(model, train_data, val_data) before summary()")
+        return {
+            "units_before": dict(self.units_),
+            "units_after": {k: len(v) for k, v in self.keep_.items()},
+            "accuracy_base_val": self.base_accuracy_,
+            "accuracy_val": self.accuracy_,
+            "steps": len(self.log_),
+            "accepted_steps": sum(s.accepted for s in self.log_),
+            "seconds": self.seconds_,
+        }

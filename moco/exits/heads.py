@@ -1,0 +1,138 @@
+"""Exit heads: small classifiers attached to an intermediate activation.
+
+A head *factory* builds a head for an activation shape (without the batch dimension, e.g.
+``(16, 28, 28)`` or ``(128,)``) and a number of classes. Built in:
+
+* :func:`pool_linear` (``"pool_linear"``): adaptive average pool to ``pool_size x pool_size``,
+  flatten, linear. Cheapest; on a flat ``[B, D]`` activation it is a single linear layer.
+* :func:`conv_pool_linear` (``"conv_pool_linear"``): 3x3 conv (stride 2) + BatchNorm + ReLU, then
+  pool and linear. Much stronger on early, low-level feature maps, at the price of one small conv.
+
+Any callable ``factory(in_shape, num_classes) -> nn.Module`` works as a custom head; it must map
+``[B, *in_shape]`` to logits ``[B, num_classes]`` (checked when the exits are attached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from moco.errors import MocoError
+
+__all__ = ["PoolLinearHead", "ConvPoolLinearHead", "HeadFactory", "pool_linear", "conv_pool_linear", "get_head_factory",
+           "head_spec"]
+
+
+class PoolLinearHead(nn.Module):
+    """``AdaptiveAvgPool2d(pool_size) -> Flatten -> Linear`` for ``[B, C, H, W]``; ``Linear`` for ``[B, D]``."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, pool_size: int = 1):
+        super().__init__()
+        if len(in_shape) == 3:
+            self.pool = nn.AdaptiveAvgPool2d(pool_size)
+            features = in_shape[0] * pool_size * pool_size
+        elif len(in_shape) == 1:
+            self.pool = nn.Identity()
+            features = in_shape[0]
+        else:
+            raise MocoError(f"pool_linear heads take [B, C, H, W] or [B, D] activations, got [B, *{tuple(in_shape)}]")
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(x)))
+
+
+class ConvPoolLinearHead(nn.Module):
+    """``Conv3x3(C -> channels, stride) -> BN -> ReLU -> AdaptiveAvgPool2d(pool_size) -> Flatten -> Linear``."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, channels: int | None = None, stride: int = 2,
+                 pool_size: int = 2):
+        super().__init__()
+        if len(in_shape) != 3:
+            raise MocoError(
+                f"conv_pool_linear heads need a [B, C, H, W] activation, got [B, *{tuple(in_shape)}]; "
+                f"use head='pool_linear' at this point"
+            )
+        c = int(in_shape[0])
+        width = int(channels) if channels else max(16, 2 * c)
+        self.conv = nn.Conv2d(c, width, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(width * pool_size * pool_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.relu(self.bn(self.conv(x))))))
+
+
+@dataclass(frozen=True)
+class HeadFactory:
+    """A built-in head with its options: ``factory(in_shape, num_classes) -> nn.Module``; JSON-able via ``spec()``."""
+
+    type: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        cls = {"pool_linear": PoolLinearHead, "conv_pool_linear": ConvPoolLinearHead}[self.type]
+        return cls(tuple(in_shape), num_classes, **dict(self.options))
+
+    def spec(self) -> dict[str, Any]:
+        """``{"type": ..., "options": {...}}``, rebuilt by :func:`get_head_factory`."""
+        return {"type": self.type, "options": dict(self.options)}
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MocoError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def pool_linear(*, pool_size: int = 1) -> HeadFactory:
+    """Head factory: average pool to ``pool_size`` x ``pool_size`` (1 = global), flatten, linear."""
+    return HeadFactory("pool_linear", (("pool_size", _positive("pool_size", pool_size)),))
+
+
+def conv_pool_linear(*, channels: int | None = None, stride: int = 2, pool_size: int = 2) -> HeadFactory:
+    """Head factory: 3x3 conv to ``channels`` (default ``max(16, 2 * C)``) with ``stride``, BN, ReLU, pool, linear."""
+    opts: list[tuple[str, Any]] = []
+    if channels is not None:
+        opts.append(("channels", _positive("channels", channels)))
+    opts += [("stride", _positive("stride", stride)), ("pool_size", _positive("pool_size", pool_size))]
+    return HeadFactory("conv_pool_linear", tuple(opts))
+
+
+_BUILT_IN = {"pool_linear": pool_linear, "conv_pool_linear": conv_pool_linear}
+
+
+def get_head_factory(head: Any) -> Callable[[tuple[int, ...], int], nn.Module]:
+    """A head factory from a name, a spec dict (``HeadFactory.spec()``), a HeadFactory or any callable."""
+    if isinstance(head, str):
+        if head not in _BUILT_IN:
+            raise MocoError(f"unknown head {head!r}; built in: {', '.join(_BUILT_IN)}, or pass a callable "
+                            f"factory(in_shape, num_classes) -> nn.Module")
+        return _BUILT_IN[head]()
+    if isinstance(head, dict):
+        kind = head.get("type")
+        if kind not in _BUILT_IN:
+            raise MocoError(f"head spec {head!r} is not a built-in head; pass the factory that built it (head=...)")
+        return _BUILT_IN[kind](**dict(head.get("options") or {}))
+    if isinstance(head, nn.Module):
+        raise TypeError("head must be a factory(in_shape, num_classes) -> nn.Module, not a module instance "
+                        "(one head is built per exit point)")
+    if callable(head):
+        return head
+    raise TypeError(f"head must be a name, a spec dict or a callable factory, not {type(head).__name__}")
+
+
+def head_spec(factory: Any) -> dict[str, Any]:
+    """JSON spec of a factory: the built-in spec, or ``{"type": "custom", "name": ...}`` for a callable."""
+    if isinstance(factory, HeadFactory):
+        return factory.spec()
+    return {"type": "custom", "name": getattr(factory, "__qualname__", type(factory).__name__)}
+
+

@@ -1,0 +1,100 @@
+"""Save and load the exits of a network without pickle: ``<stem>.json`` (points, head specs, criterion,
+thresholds, versions, MACs) and ``<stem>.npz`` (the heads' tensors, read with ``allow_pickle=False``).
+
+Only the heads are stored: the backbone is the user's model (save it with
+:func:`moco.train.save_checkpoint` after joint training). :func:`load_exits` re-attaches the heads to
+a model of the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moco.errors import MocoError
+from moco.exits.criteria import Criterion, get_criterion
+from moco.exits.network import EarlyExitNetwork, attach_exits
+from moco.io import atomic_path, write_json_atomic
+
+__all__ = ["save_exits", "load_exits"]
+
+FORMAT = "moco.exits"
+VERSION = 1
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".json", ".npz") else path
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".npz")
+
+
+def save_exits(net: EarlyExitNetwork, path: str | Path) -> tuple[Path, Path]:
+    """Write ``net``'s heads and settings to ``<path>.json`` and ``<path>.npz`` atomically; returns both paths."""
+    import moco
+
+    if not isinstance(net, EarlyExitNetwork):
+        raise TypeError(f"net must be an EarlyExitNetwork, not {type(net).__name__}")
+    json_path, npz_path = _paths(path)
+    state = {k: v.detach().cpu().numpy() for k, v in net.heads.state_dict().items()}
+    with atomic_path(npz_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **state)
+    meta = {
+        "format": FORMAT, "version": VERSION, "points": list(net.points), "head_specs": list(net.head_specs),
+        "criterion": net.criterion.spec(), "thresholds": list(net.thresholds), "num_classes": net.num_classes,
+        "input_shape": list(net.input_shape), "segment_macs": list(net.costs.segment_macs),
+        "head_macs": list(net.costs.head_macs), "weights": npz_path.name,
+        "moco": getattr(moco, "__version__", "unknown"), "torch": str(torch.__version__),
+    }
+    write_json_atomic(json_path, meta)
+    return json_path, npz_path
+
+
+def load_exits(model: nn.Module, path: str | Path, *, head: Any = None,
+               criterion: str | Criterion | None = None) -> EarlyExitNetwork:
+    """Re-attach saved exits to ``model`` (same architecture as when saved); returns the network.
+
+    ``head``: the factory for heads saved as ``"custom"`` (built-in heads are rebuilt from their spec);
+    ``criterion``: an instance for a criterion that is not built in (default: the saved one).
+    Raises MocoError for a missing or foreign file, or heads that do not fit the model.
+    """
+    json_path, npz_path = _paths(path)
+    if not json_path.is_file() or not npz_path.is_file():
+        raise MocoError(f"saved exits need both {json_path} and {npz_path}; save them with save_exits(net, path)")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MocoError(f"{json_path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MocoError(f"{json_path} is not a moco exits file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise MocoError(f"{json_path} has version {meta.get('version')}; this moco reads version {VERSION}")
+    specs = meta["head_specs"]
+    heads: list[Any] = []
+    for spec in specs:
+        if spec.get("type") == "custom":
+            if head is None:
+                raise MocoError(f"the exits in {json_path} use a custom head ({spec.get('name')}); pass head=<factory>")
+            heads.append(head)
+        else:
+            heads.append(spec)
+    crit = criterion if criterion is not None else meta["criterion"]
+    if criterion is None and meta["criterion"].get("name") not in ("entropy", "max_prob"):
+        raise MocoError(f"the exits use the custom criterion {meta['criterion'].get('name')!r}; pass criterion=<instance>")
+    net = attach_exits(model, meta["points"], example_input=torch.zeros(1, *meta["input_shape"]), head=heads,
+                       criterion=get_criterion(crit))
+    if net.num_classes != meta["num_classes"]:
+        raise MocoError(f"the model has {net.num_classes} classes but the exits were saved for {meta['num_classes']}")
+    with np.load(npz_path, allow_pickle=False) as arrays:
+        state = {k: torch.from_numpy(arrays[k].copy()) for k in arrays.files}
+    try:
+        net.heads.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MocoError(f"the heads in {npz_path} do not fit this model: {str(exc).strip().splitlines()[0]}") from None
+    net.thresholds = meta["thresholds"]
+    return net.eval()

@@ -1,0 +1,345 @@
+"""Principal Filter Analysis (moco.compress.pfa): streaming statistics, recipes, unit selection, display."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moco.compress.pfa import PFA, LayerStatistics, PFARecipe, RunningCovariance
+from moco.compress.pfa.strategies import energy_count, kl_count, kl_divergence, size_threshold
+from moco.errors import MocoError
+
+
+def _batches(x, sizes):
+    start = 0
+    for b in sizes:
+        yield {"layer": x[start : start + b]}
+        start += b
+    assert start == len(x)
+
+
+# ---------------------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("sizes", [[1000], [1, 2, 997], [7] * 142 + [6], [500, 0, 500]])
+def test_streamed_covariance_equals_numpy_for_any_batching(sizes):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 12)) @ rng.normal(size=(12, 12)) + rng.normal(size=12) * 5
+    pfa = PFA.introspect(_batches(x.astype(np.float32), sizes), progress=False)
+    st = pfa.statistics["layer"]
+    ref = x.astype(np.float32).astype(np.float64)
+    assert st.count == 1000
+    np.testing.assert_allclose(st.mean, ref.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(st.covariance, np.cov(ref.T), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(st.eigenvalues, np.sort(np.linalg.eigvalsh(np.cov(ref.T)))[::-1], rtol=1e-9)
+    assert st.covariance.dtype == np.float64 and np.all(np.diff(st.eigenvalues) <= 0)
+
+
+def test_covariance_stays_accurate_for_responses_with_a_large_mean():
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(20_000, 4)) * np.array([1e-3, 2e-3, 1.0, 1e-2])
+    x = 1e6 + noise  # float64 responses with a huge offset and tiny spread
+    acc = RunningCovariance()
+    for chunk in np.array_split(x, 40):
+        acc.update(chunk)
+    exact = np.cov(noise.T)
+    np.testing.assert_allclose(acc.covariance(), exact, rtol=1e-6, atol=1e-12)
+    # what raw sums would give (E[xx^T] - E[x]E[x]^T): the tiny variances are lost entirely
+    n = len(x)
+    naive = (x.T @ x - n * np.outer(x.mean(0), x.mean(0))) / (n - 1)
+    assert abs(naive[0, 0] - exact[0, 0]) > 100 * exact[0, 0]
+
+
+def test_merging_accumulators_equals_one_pass():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 5)) + 100
+    a, b, whole = RunningCovariance(), RunningCovariance(), RunningCovariance()
+    a.update(x[:120])
+    b.update(x[120:])
+    whole.update(x)
+    a.merge(b)
+    assert a.count == 300
+    np.testing.assert_allclose(a.covariance(), whole.covariance(), rtol=1e-12)
+    np.testing.assert_allclose(a.covariance(), np.cov(x.T), rtol=1e-10)
+
+
+def test_model_introspection_streams_the_max_pooled_responses_and_leaves_the_model_alone():
+    from moco.capture import SpatialPool, capture
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(5 * 8 * 8, 4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(97, 1, 12, 12)
+    pfa = PFA.introspect(x, model=model, layers=["2", "4"], batch_size=10, progress=False)
+    ref = capture(model, x, ["2", "4"], processor=SpatialPool("max"), progress=False)
+    for name in ["2", "4"]:
+        st = pfa.statistics[name]
+        np.testing.assert_allclose(st.covariance, np.cov(ref[name].astype(np.float64).T), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(st.mean, ref[name].mean(0), rtol=1e-5, atol=1e-6)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN stats untouched
+    assert not any(m._forward_hooks for m in model.modules())
+    # default layers: every conv/linear but the classifier; avg pooling is the mean over space
+    avg = PFA.introspect(x, model=model, pooling="avg", progress=False)
+    assert avg.layers == ["0", "3"]
+    out0 = model.eval()[0](x).mean(dim=(2, 3)).detach().double().numpy()
+    np.testing.assert_allclose(avg.statistics["0"].covariance, np.cov(out0.T), rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def test_kl_counts_on_hand_made_spectra():
+    assert kl_count([3.0] * 8) == 8  # flat: keep all
+    assert kl_divergence([3.0] * 8) == pytest.approx(0.0, abs=1e-12)
+    assert kl_count([5.0, 0, 0, 0, 0]) == 1  # one direction carries everything
+    assert kl_divergence([5.0, 0, 0, 0, 0]) == pytest.approx(math.log(5))
+    assert kl_count([1.0, 1.0, 0.0, 0.0]) == 2  # H = log 2, n H / log n = 2 exactly
+    # p = (1/2, 1/4, 1/8, 1/8): H = 1.75 log 2, ratio 0.875, 4 * 0.875 = 3.5 -> 4
+    assert kl_divergence([4.0, 2.0, 1.0, 1.0]) == pytest.approx(0.25 * math.log(2))
+    assert kl_count([4.0, 2.0, 1.0, 1.0]) == 4
+    # 16 units, two equal eigenvalues: ratio log 2 / log 16 = 1/4 -> 4
+    assert kl_count([1.0, 1.0] + [0.0] * 14) == 4
+    assert kl_count([7.0]) == 1
+
+
+def test_energy_counts_on_hand_made_spectra():
+    spectrum = [5.0, 3.0, 1.0, 1.0]  # cumulative energy 0.5, 0.8, 0.9, 1.0
+    assert energy_count(spectrum, 0.5) == 1
+    assert energy_count(spectrum, 0.8) == 2  # reaching the threshold exactly is enough
+    assert energy_count(spectrum, 0.81) == 3
+    assert energy_count(spectrum, 0.99) == 4
+    assert energy_count(spectrum, 1.0) == 4
+    assert energy_count(spectrum, 0.5, min_kept_count=3) == 3
+    assert energy_count(spectrum, 0.0) == 1  # never zero units
+    assert energy_count(spectrum, 0.5, min_kept_count=10) == 4  # never more than the layer has
+
+
+def test_size_finds_one_global_threshold():
+    spectra = {"peaked": np.array([1.0, 0, 0, 0]), "flat": np.ones(4)}
+    t = size_threshold(spectra, 0.5)
+    assert 0.5 < t <= 0.75  # flat keeps ceil(4 t) = 3, peaked 1: total 4 = half of 8 units
+    pfa = PFA.from_statistics({name: LayerStatistics.from_covariance(np.diag(e)) for name, e in spectra.items()})
+    recipes = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=0.5))
+    assert {n: r.recommended_count for n, r in recipes.items()} == {"peaked": 1, "flat": 3}
+    assert recipes["flat"].diagnostics.energy_threshold == pytest.approx(t)
+    # units beyond the last non-zero eigenvalue hold no energy: no threshold keeps them
+    full = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=1.0))
+    assert {n: r.recommended_count for n, r in full.items()} == {"peaked": 1, "flat": 4}
+    floor = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=0.1, min_kept_count=2))
+    assert {n: r.recommended_count for n, r in floor.items()} == {"peaked": 2, "flat": 2}
+
+
+def test_recipe_diagnostics_and_defaults():
+    cov = np.diag([4.0, 2.0, 1.0, 1.0])
+    pfa = PFA.from_statistics({"a": LayerStatistics.from_covariance(cov, count=100)})
+    kl = pfa.get_recipe()["a"]  # defaults: KL + AbsMax
+    assert isinstance(kl, PFARecipe)
+    assert (kl.original_count, kl.recommended_count, len(kl.units_to_keep)) == (4, 4, 4)
+    assert kl.diagnostics.strategy == "PFA KL" and kl.diagnostics.unit_strategy == "AbsMax"
+    energy = pfa.get_recipe(strategy=PFA.Strategy.Energy(energy_threshold=0.75, min_kept_count=1))["a"]
+    assert energy.recommended_count == 2
+    assert energy.diagnostics.kept_energy == pytest.approx(0.75)
+    assert energy.diagnostics.units_ratio == pytest.approx(0.5)
+    assert energy.diagnostics.kl_divergence == pytest.approx(0.25 * math.log(2))
+    # uncorrelated units tie everywhere: the documented rule drops the lower index of the first pair
+    assert energy.units_to_keep == frozenset({2, 3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        energy.recommended_count = 3
+    with pytest.raises(ValueError):
+        pfa.statistics["a"].covariance[0, 0] = 1.0  # read-only arrays
+
+
+# ------------------------------------------------------------------------------------ unit selection
+def _stats_from_corr(corr, variances=None):
+    corr = np.asarray(corr, dtype=float)
+    sd = np.sqrt(np.ones(len(corr)) if variances is None else np.asarray(variances, dtype=float))
+    return LayerStatistics.from_covariance(corr * np.outer(sd, sd))
+
+
+CORR = [
+    [1.00, 0.95, 0.60, 0.00],
+    [0.95, 1.00, 0.55, 0.10],
+    [0.60, 0.55, 1.00, 0.60],
+    [0.00, 0.10, 0.60, 1.00],
+]
+
+
+@pytest.mark.parametrize("strategy,keep,expected", [
+    ("AbsMax", 3, {1, 2, 3}),  # pair (0, 1) at 0.95; unit 0's next coefficient 0.60 > 0.55 -> drop 0
+    ("AbsMax", 2, {1, 3}),  # then pair (2, 3)/(1, 2) at 0.60: (2, 3), unit 2's next 0.55 > 0.10 -> drop 2
+    ("L1Max", 3, {0, 1, 3}),  # sums 1.55, 1.60, 1.75, 0.70 -> drop 2
+    ("L1Max", 2, {0, 3}),  # then 0.95, 1.05, 0.10 -> drop 1
+    # least correlated pair (0, 3) at 0.00; others ascending: unit 0 [0.60, 0.95], unit 3 [0.10, 0.60]
+    # -> the smaller sequence (unit 3) goes
+    ("AbsMin", 3, {0, 1, 2}),
+    ("AbsMin", 2, {0, 1}),  # then pair (1, 2) at 0.55: unit 1 [0.95] vs unit 2 [0.60] -> drop 2
+    ("L1Min", 3, {0, 1, 2}),  # smallest sum 0.70 -> drop 3
+])
+def test_unit_selection_on_a_hand_made_correlation_matrix(strategy, keep, expected):
+    pfa = PFA.from_statistics({"l": _stats_from_corr(CORR)})
+    sel = getattr(PFA.UnitSelectionStrategy, strategy)()
+    recipe = pfa.get_recipe(strategy=PFA.Strategy.Energy(energy_threshold=0.0, min_kept_count=keep),
+                            unit_strategy=sel)["l"]
+    assert recipe.units_to_keep == frozenset(expected)
+    # scaling the units (covariance vs correlation) changes nothing
+    scaled = PFA.from_statistics({"l": _stats_from_corr(CORR, variances=[9.0, 0.25, 4.0, 1e-3])})
+    assert sel.select(scaled.statistics["l"].covariance, keep).tolist() == sorted(expected)
+
+
+def test_abs_max_breaks_ties_with_the_next_coefficients():
+    corr = np.array([
+        [1.0, 0.9, 0.4, 0.3],
+        [0.9, 1.0, 0.4, 0.1],
+        [0.4, 0.4, 1.0, 0.0],
+        [0.3, 0.1, 0.0, 1.0],
+    ])
+    sel = PFA.UnitSelectionStrategy.AbsMax()
+    # pair (0, 1); second coefficients tie (0.4), third decides: unit 0 has 0.3 > 0.1 -> drop unit 0
+    assert sel.select(corr, 3).tolist() == [1, 2, 3]
+    swap = corr[[1, 0, 2, 3]][:, [1, 0, 2, 3]]  # exchange units 0 and 1: now unit 1 goes
+    assert sel.select(swap, 3).tolist() == [0, 2, 3]
+
+
+def test_inactive_units_are_removed_first_and_fill_only_when_needed():
+    cov = np.zeros((5, 5))
+    cov[:4, :4] = np.asarray(CORR)
+    cov[4, 4] = 1e-9  # variance below 1e-6 x the largest: inactive
+    for name in ["AbsMax", "AbsMin", "L1Max", "L1Min"]:
+        sel = getattr(PFA.UnitSelectionStrategy, name)()
+        assert sel.select(cov, 4).tolist() == [0, 1, 2, 3]
+        assert sel.select(cov, 5).tolist() == [0, 1, 2, 3, 4]
+    # with epsilon 0 unit 4 counts as active (uncorrelated with all): AbsMax then drops unit 0 instead
+    assert PFA.UnitSelectionStrategy.AbsMax(inactive_epsilon=0.0).select(cov, 4).tolist() == [1, 2, 3, 4]
+
+
+def test_duplicated_and_dead_filters_are_found_in_a_real_conv_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3)
+    with torch.no_grad():
+        conv.weight[1] = 2.0 * conv.weight[0]  # unit 1 = 2 x unit 0: perfectly correlated after ReLU + max
+        conv.bias[1] = 2.0 * conv.bias[0]
+        conv.weight[3] = 0.0  # dead unit: constant response
+        conv.bias[3] = 0.0
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 3))
+    pfa = PFA.introspect(torch.randn(400, 1, 12, 12), model=model, layers="1", progress=False)
+    recipe = pfa.get_recipe(strategy=PFA.Strategy.Energy(energy_threshold=1.0))["1"]
+    assert recipe.recommended_count == 2
+    assert 2 in recipe.units_to_keep and 3 not in recipe.units_to_keep
+    assert len(recipe.units_to_keep & {0, 1}) == 1
+    assert PFA.keep({"1": recipe}, rename={"1": "0"}) == {"0": sorted(recipe.units_to_keep)}
+
+
+# ------------------------------------------------------------------------------------------ failures
+def test_failed_responses_name_the_reason():
+    rng = np.random.default_rng(3)
+    batches = [{"wide": rng.normal(size=(5, 8)), "narrow": rng.normal(size=(5, 2)),
+                "flat": np.ones((5, 3)), "nan": np.vstack([rng.normal(size=(4, 2)), [[np.nan, 1.0]]])}]
+    pfa = PFA.introspect(batches, progress=False)
+    assert pfa.layers == ["narrow"]
+    assert "only 5 samples for 8 units" in pfa.failed_responses["wide"]
+    assert "zero variance" in pfa.failed_responses["flat"]
+    assert "NaN or inf" in pfa.failed_responses["nan"]
+    assert set(pfa.get_recipe()) == {"narrow"}
+    empty = PFA.introspect(batches, layers=["wide"], progress=False)
+    with pytest.raises(MocoError, match="no layer could be analysed"):
+        empty.get_recipe()
+
+
+def test_clear_errors():
+    rng = np.random.default_rng(4)
+    good = [{"a": rng.normal(size=(20, 3))}]
+    pfa = PFA.introspect(good, progress=False)
+    with pytest.raises(MocoError, match="energy_threshold is a fraction"):
+        PFA.Strategy.Energy(energy_threshold=99)
+    with pytest.raises(MocoError, match="relative_size"):
+        PFA.Strategy.Size(relative_size=0.0)
+    with pytest.raises(MocoError, match="min_kept_count"):
+        PFA.Strategy.KL(min_kept_count=-1)
+    with pytest.raises(TypeError, match=r"note the \(\)"):
+        pfa.get_recipe(strategy=PFA.Strategy.KL)
+    with pytest.raises(TypeError, match="unit_strategy"):
+        pfa.get_recipe(unit_strategy="AbsMax")
+    with pytest.raises(MocoError, match="pooling must be"):
+        PFA.introspect(good, pooling="median")
+    with pytest.raises(TypeError, match="pass model="):
+        PFA.introspect(torch.randn(4, 1, 8, 8))
+    with pytest.raises(MocoError, match="never appeared"):
+        PFA.introspect(good, layers=["b"], progress=False)
+    with pytest.raises(MocoError, match="earlier batches had 3"):
+        PFA.introspect([{"a": np.ones((4, 3))}, {"a": np.ones((4, 5))}], progress=False)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))
+    with pytest.raises(MocoError, match="no module named 'relu'"):
+        PFA.introspect(torch.randn(4, 1, 8, 8), model=model, layers=["relu"], progress=False)
+    with pytest.raises(MocoError, match="could not run on input shape"):
+        PFA.introspect(torch.randn(4, 3, 8, 8), model=model, layers=["1"], progress=False)
+    recipes = pfa.get_recipe()
+    with pytest.raises(MocoError, match="unknown column"):
+        PFA.show(recipes, include_columns=["nope"])
+    with pytest.raises(MocoError, match="unknown visualisation"):
+        PFA.show(recipes, kind="pie")
+    with pytest.raises(MocoError, match="disagree"):
+        PFA.show(recipes, vis_type=PFA.VisType.TABLE, kind="chart")
+    with pytest.raises(TypeError, match="show\\(\\) takes"):
+        PFA.show({"a": 1})
+
+
+# ------------------------------------------------------------------------------------------- display
+def test_show_table_and_chart(tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    pfa = PFA.introspect([{"conv1": x, "conv2": x[:, :4]}], progress=False)
+    kl = pfa.get_recipe()
+    e99 = pfa.get_recipe(strategy=PFA.Strategy.Energy(energy_threshold=0.99, min_kept_count=1))
+    table = PFA.show(kl)
+    assert list(table.columns) == ["layer name", "original count", "recommended count", "units to keep"]
+    assert table["layer name"].tolist() == ["conv1", "conv2"]
+    assert table["original count"].tolist() == [6, 4]
+    both = PFA.show((kl, e99), include_columns=["layer_name", "recommended count"], path=tmp_path / "t.csv")
+    assert list(both.columns) == ["recipe", "layer name", "recommended count"]
+    assert both["recipe"].tolist() == ["PFA KL, AbsMax"] * 2 + ["PFA Energy(0.99), AbsMax"] * 2
+    assert (tmp_path / "t.csv").read_text().startswith("recipe,layer name,recommended count")
+    everything = PFA.show({"kl": kl}, include_columns=[])
+    assert {"KL divergence", "kept energy", "units ratio", "PFA strategy"} <= set(everything.columns)
+    ax = PFA.show({"kl": kl, "energy 0.99": e99}, vis_type=PFA.VisType.CHART, path=tmp_path / "c.png")
+    assert ax.get_ylabel() == "number of units"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["conv1", "conv2"]
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vgg_bn_zoo_model():
+    from moco.models import create, get_spec
+
+    model = create("vgg_bn")
+    assert isinstance(model, nn.Sequential)
+    assert sum(p.numel() for p in model.parameters()) == 288_170
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs == ["0", "3", "7", "10", "14", "17"]
+    assert [model[int(n)].out_channels for n in convs] == [32, 32, 64, 64, 128, 128]
+    assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert get_spec("vgg_bn").dataset == "fashion_mnist"
+    small = create("vgg_bn", widths=(4, 8), convs_per_stage=1, num_classes=3)
+    assert small.eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 3)
+    with pytest.raises(ValueError, match="positive int"):
+        create("vgg_bn", widths=(8, 0))
+
+
+def test_pfa_fashion_maps_block_responses_to_their_convs_and_sizes_by_macs():
+    from moco.bench.bench_pfa_fashion import _size_for_macs, block_responses
+    from moco.models import create
+    from moco.profile import profile
+
+    torch.manual_seed(0)
+    model = create("vgg_bn", widths=(8, 8, 16, 16), num_classes=4).eval()
+    responses = block_responses(model)
+    assert responses == {"2": "0", "5": "3", "9": "7", "12": "10"}
+    x = torch.randn(64, 1, 28, 28)
+    pfa = PFA.introspect(x, model=model, layers=list(responses), batch_size=32, progress=False)
+    fraction, reduction = _size_for_macs(pfa, model, responses, 2.0, x[:1])
+    assert 0 < fraction < 1 and reduction >= 2.0
+    from moco.compress.surgery import apply
+
+    recipes = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=fraction, min_kept_count=1))
+    small = apply(model, PFA.keep(recipes, rename=responses), example_input=x[:1])
+    macs = profile(model, x[:1], latency=False).totals.macs / profile(small, x[:1], latency=False).totals.macs
+    assert macs == pytest.approx(reduction)
