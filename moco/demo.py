@@ -18,8 +18,8 @@ from moco.errors import MocoError
 PIPELINE = (
     ("profile", "moco.profile", "MACs, FLOPs, params, latency per module; the bottleneck", True),
     ("capture + rules", "moco.rules", "rule-based early exit before the bottleneck (seed 000)", True),
-    ("exits", "moco.exits", "learned early-exit heads with calibrated thresholds (seed 004)", False),
-    ("compress", "moco.compress", "PFA and L1 filter pruning to a smaller dense model (seeds 001, 003)", False),
+    ("exits", "moco.exits", "learned early-exit heads with calibrated thresholds (seed 004)", True),
+    ("compress", "moco.compress", "PFA and L1 filter pruning to a smaller dense model (seeds 001, 003)", True),
     ("approx", "moco.approx", "quantization and approximate multipliers (seed 002)", False),
     ("verify", "moco.bench", "side-by-side timing against eager, channels_last, torch.compile, ONNX Runtime", True),
 )
@@ -100,7 +100,8 @@ def run_demo(
     for i, (stage, module, what, available) in enumerate(PIPELINE, 1):
         mark = "ready" if available else "coming"
         print(f"  {i}. {stage:16s} {module:14s} [{mark:6s}] {what}")
-    print("  measure against the honest baselines with: moco bench baselines --quick; moco bench rules-mnist --quick")
+    print("  measure against the honest baselines with: moco bench baselines --quick; moco bench rules-mnist --quick; "
+          "moco bench exits-mnist-retrofit --quick; moco bench prune-fashion --quick")
 
     report = {
         "dataset": train.name,
