@@ -67,6 +67,7 @@ __all__ = [
     "build_embeddings_and_predictions",
     "build_embeddings_from_predictions",
     "capture",
+    "iter_layer_outputs",
 ]
 
 Processor = Callable[[torch.Tensor], torch.Tensor]
@@ -388,6 +389,67 @@ def _resolve_layers(model: nn.Module, layers: str | list[str] | tuple[str, ...])
     return resolved
 
 
+
+def iter_layer_outputs(
+    model: nn.Module,
+    data: Any,
+    layers: str | list[str] | tuple[str, ...],
+    *,
+    batch_size: int = 1000,
+    processor: Processor | None = None,
+    progress: bool = True,
+    desc: str = "capture",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield ``{name: output [B, ...]}`` of the named modules for each batch of ``data`` (one forward pass each).
+
+    The streaming core of :func:`capture` (and of PFA's introspection): the model runs in eval mode under
+    ``torch.inference_mode()`` with every module's ``training`` flag restored afterwards, a global forward
+    hook filtered by module identity records the outputs (``processor`` applied, e.g. ``SpatialPool``) and
+    is removed when the iteration ends or is abandoned. Only one batch of outputs is alive at a time.
+
+    Raises MocoError for unknown layer names, a module that runs more than once or not at all per forward
+    pass, a module that does not return a tensor, a processor that drops the batch dimension, NaN inputs
+    and batches the model rejects.
+    """
+    targets = _resolve_layers(model, layers)
+    by_module = {id(module): name for name, module in targets.items()}
+    batch_outputs: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        name = by_module.get(id(module))
+        if name is None:
+            return
+        if name in batch_outputs:
+            raise MocoError(f"module {name!r} runs more than once per forward pass; capture a module that runs once")
+        if not isinstance(output, torch.Tensor):
+            raise MocoError(f"module {name!r} returns a {type(output).__name__}, not a tensor; capture one that does")
+        processed = processor(output) if processor is not None else output
+        _check_processed(processed, output, processor)
+        batch_outputs[name] = processed
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_eval_mode(model))
+        stack.enter_context(torch.inference_mode())
+        bar = stack.enter_context(_progress(_expected_samples(data), progress, desc))
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        stack.callback(handle.remove)
+        device = _device_of(model)
+        start = 0
+        for x, _ in iter_batches(data, batch_size):
+            x = _checked_input(x, start, device)
+            batch_outputs.clear()
+            _run(model, x, tuple(x.shape))
+            missing = [name for name in targets if name not in batch_outputs]
+            if missing:
+                raise MocoError(f"modules {missing} did not run during the forward pass; capture modules that run")
+            outputs = dict(batch_outputs)
+            batch_outputs.clear()
+            start += x.shape[0]
+            bar.update(x.shape[0])
+            del x
+            yield outputs
+
+
 def capture(
     model: nn.Module,
     data: Any,
@@ -426,22 +488,7 @@ def capture(
             of unknown length with ``out_dir``.
     """
     targets = _resolve_layers(model, layers)
-    by_module = {id(module): name for name, module in targets.items()}
     expected = _expected_samples(data)
-    batch_outputs: dict[str, torch.Tensor] = {}
-
-    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-        name = by_module.get(id(module))
-        if name is None:
-            return
-        if name in batch_outputs:
-            raise MocoError(f"module {name!r} runs more than once per forward pass; capture a module that runs once")
-        if not isinstance(output, torch.Tensor):
-            raise MocoError(f"module {name!r} returns a {type(output).__name__}, not a tensor; capture one that does")
-        processed = processor(output) if processor is not None else output
-        _check_processed(processed, output, processor)
-        batch_outputs[name] = processed
-
     with contextlib.ExitStack() as stack:
         paths: dict[str, Path | None] = {name: None for name in targets}
         if out_dir is not None:
@@ -451,26 +498,12 @@ def capture(
         sinks = {name: _Sink(f"the output of {name!r}", expected, paths[name]) for name in targets}
         for sink in sinks.values():
             stack.callback(sink.close)
-        stack.enter_context(_eval_mode(model))
-        stack.enter_context(torch.inference_mode())
-        bar = stack.enter_context(_progress(expected, progress, "capture"))
-        handle = torch.nn.modules.module.register_module_forward_hook(hook)
-        stack.callback(handle.remove)
-        device = _device_of(model)
-        start = 0
-        for x, _ in iter_batches(data, batch_size):
-            x = _checked_input(x, start, device)
-            batch_outputs.clear()
-            _run(model, x, tuple(x.shape))
-            missing = [name for name in targets if name not in batch_outputs]
-            if missing:
-                raise MocoError(f"modules {missing} did not run during the forward pass; capture modules that run")
+        # closing(): the hook goes away at once even when a write fails mid-stream
+        batches = stack.enter_context(contextlib.closing(iter_layer_outputs(
+            model, data, list(targets), batch_size=batch_size, processor=processor, progress=progress, desc="capture")))
+        for outputs in batches:
             for name, sink in sinks.items():
-                sink.write(batch_outputs[name])
-            batch_outputs.clear()
-            start += x.shape[0]
-            bar.update(x.shape[0])
-            del x
+                sink.write(outputs[name])
         results = {name: sink.finish() for name, sink in sinks.items()}
     if out_dir is not None:
         return {name: np.load(Path(out_dir) / f"{name}.npy", mmap_mode="r") for name in targets}

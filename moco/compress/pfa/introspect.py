@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moco.batches import iter_batches
-from moco.capture import _checked_input, _device_of, _eval_mode, _expected_samples, _resolve_layers, _run
+from moco.capture import _resolve_layers, iter_layer_outputs
 from moco.compress.pfa.stats import RunningCovariance
 from moco.errors import MocoError
 
@@ -95,50 +94,18 @@ def stream_model(model: nn.Module, data: Any, layers: list[str] | None, pool: Ca
                  progress: bool) -> tuple[Accumulator, list[str]]:
     """Run ``model`` over ``data`` and accumulate the pooled outputs of ``layers`` (qualified names)."""
     names = default_layers(model) if layers is None else layers
-    targets = _resolve_layers(model, names)
-    by_module = {id(m): n for n, m in targets.items()}
+    targets = list(_resolve_layers(model, names))
     acc = Accumulator()
-    outputs: dict[str, torch.Tensor] = {}
-
-    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-        name = by_module.get(id(module))
-        if name is None:
-            return
-        if name in outputs:
-            raise MocoError(f"module {name!r} runs more than once per forward pass; analyse a module that runs once")
-        if not isinstance(output, torch.Tensor):
-            raise MocoError(f"module {name!r} returns a {type(output).__name__}, not a tensor")
-        pooled = pool(output)
-        if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or pooled.shape[0] != output.shape[0]:
-            raise MocoError(f"pooling turned the output of {name!r} {tuple(output.shape)} into "
-                            f"{getattr(pooled, 'shape', type(pooled).__name__)}; it must give [B, units]")
-        outputs[name] = pooled
-
-    expected = _expected_samples(data)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_eval_mode(model))
-        stack.enter_context(torch.inference_mode())
-        bar = stack.enter_context(tqdm(total=expected, unit="sample", desc="PFA introspect", disable=not progress,
-                                       leave=False))
-        handle = torch.nn.modules.module.register_module_forward_hook(hook)
-        stack.callback(handle.remove)
-        device = _device_of(model)
-        start = 0
-        for x, _ in iter_batches(data, batch_size):
-            x = _checked_input(x, start, device)
-            outputs.clear()
-            _run(model, x, tuple(x.shape))
-            missing = [n for n in targets if n not in outputs]
-            if missing:
-                raise MocoError(f"modules {missing} did not run during the forward pass; analyse modules that run")
+    start = 0
+    with contextlib.closing(iter_layer_outputs(model, data, targets, batch_size=batch_size, processor=pool,
+                                               progress=progress, desc="PFA introspect")) as batches:
+        for outputs in batches:
             for name in targets:
-                acc.add(name, outputs[name])
-            outputs.clear()
-            start += x.shape[0]
-            bar.update(x.shape[0])
+                acc.add(name, outputs[name])  # checks the pooled shape is [B, units]
+            start += next(iter(outputs.values())).shape[0]
     if start == 0:
         raise MocoError("the data yielded no samples; nothing to introspect")
-    return acc, list(targets)
+    return acc, targets
 
 
 def _fields(batch: Any) -> Mapping:
