@@ -10,6 +10,7 @@ its name is not built in.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -20,15 +21,15 @@ from moco.errors import MocoError
 __all__ = ["Criterion", "Entropy", "MaxProb", "get_criterion", "CRITERIA"]
 
 
-class Criterion:
+class Criterion(ABC):
     """Base class: ``score(logits) -> [B]`` and the direction in which a score means "confident"."""
 
     name: str = "criterion"
     higher_is_confident: bool = True
 
-    def score(self, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    @abstractmethod
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
         """One float score per row of ``logits`` ``[B, C]``."""
-        raise NotImplementedError
 
     def exits(self, scores, threshold: float):
         """Bool mask (tensor or numpy, like ``scores``): True where the sample may exit at ``threshold``."""
