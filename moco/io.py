@@ -41,6 +41,31 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_json_document(path: str | os.PathLike, *, format: str, version: int | None = None, what: str,
+                       error: type[Exception] | None = None) -> dict[str, Any]:
+    """Read a moco JSON artifact and check its ``format`` tag (and ``version`` when given).
+
+    ``what`` names the artifact in messages (e.g. ``"moco exits file"``). Raises ``error`` (default
+    :class:`moco.errors.MocoError`) for a file that is not valid JSON, not a JSON object, or another
+    format or version; the message names the file and what was found. The caller checks existence,
+    so it can say how to create the file.
+    """
+    from moco.errors import MocoError
+
+    error = error or MocoError
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); it is not a {what}") from None
+    if not isinstance(doc, dict) or doc.get("format") != format:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise error(f"{path} is not a {what} (format {found!r}, expected {format!r})")
+    if version is not None and doc.get("version") != version:
+        raise error(f"{path} has {what} version {doc.get('version')}; this moco reads version {version}")
+    return doc
+
+
 def cache_dir() -> Path:
     """moco's cache folder: ``$MOCO_CACHE``, else ``$XDG_CACHE_HOME/moco``, else ``~/.cache/moco``."""
     if os.environ.get("MOCO_CACHE"):

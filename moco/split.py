@@ -42,7 +42,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
 from moco.errors import MocoError

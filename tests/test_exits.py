@@ -51,8 +51,8 @@ class TinyRes(nn.Module):
 X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
-def net_for(model=None, points=(2, 4), **kw):
-    model = model if model is not None else tiny_seq()
+def net_for(model=None, points=(2, 4), seed_model=0, **kw):
+    model = model if model is not None else tiny_seq(seed_model)
     return model, attach_exits(model, list(points), example_input=X[:1], **kw).eval()
 
 
@@ -171,6 +171,67 @@ def test_joint_loss_weights_select_what_learns():
         train_exits(net, _blobs(64, 1), weights=[1.0, 0.3], progress=False)
     with pytest.raises(MocoError, match="mode"):
         train_exits(net, _blobs(64, 1), mode="both", progress=False)
+
+
+def test_distillation_teaches_early_exits_the_final_exits_answers():
+    # adversarial labels (never the final exit's class): plain CE (d=0) learns to disagree with the final
+    # exit, pure distillation (d=1) ignores the labels and learns to agree with it
+    x, y = _blobs(512, 5)
+    agreement = {}
+    for d in (0.0, 1.0):
+        model, net = net_for()
+        train_exits(net, (x, y), weights=[0.0, 0.0, 1.0], epochs=5, batch_size=64, lr=1e-2, progress=False)
+        model.eval()
+        with torch.no_grad():
+            final = model(x).argmax(1)
+        assert torch.bincount(final, minlength=3).min() > 50  # a final exit that answers every class
+        train_exits(net, (x, (final + 1) % 3), mode="retrofit", epochs=10, batch_size=64, lr=1e-2, distillation=d,
+                    progress=False)
+        net.eval()
+        with torch.no_grad():
+            agreement[d] = float((net.forward_all(x)[0].argmax(1) == final).float().mean())
+    assert agreement[1.0] > 0.8 and agreement[0.0] < 0.3, agreement
+    _, net = net_for()
+    for bad in ({"distillation": 1.5}, {"distillation": -0.1}, {"temperature": 0.0}, {"distillation": "x"}):
+        with pytest.raises(MocoError, match="distillation|temperature"):
+            train_exits(net, _blobs(64, 1), progress=False, **bad)
+
+
+def test_deeper_conv_head_shapes_macs_and_round_trip(tmp_path):
+    from moco.exits import conv_pool_linear
+
+    model, net = net_for(head=[conv_pool_linear(channels=4, depth=2), "conv_pool_linear"])
+    head0 = net.heads[0]
+    assert head0.more is not None and head0.fc.in_features == 8 * 2 * 2  # 4 channels, then 8
+    shallow = net_for(head=[conv_pool_linear(channels=4), "conv_pool_linear"])[1]
+    assert net.costs.head_macs[0] > shallow.costs.head_macs[0]
+    train_exits(net, _blobs(128, 4), mode="retrofit", epochs=1, batch_size=64, progress=False)
+    net.eval()
+    save_exits(net, tmp_path / "deep")
+    loaded = load_exits(model, tmp_path / "deep")
+    with torch.no_grad():
+        assert all(torch.allclose(a, b) for a, b in zip(net.forward_all(X), loaded.forward_all(X)))
+
+
+def test_separable_head_is_cheaper_than_full_convs_and_round_trips(tmp_path):
+    from moco.exits import conv_pool_linear, sep_conv_pool_linear
+
+    model, net = net_for(head=[sep_conv_pool_linear(widths=[8, 16]), "pool_linear"])
+    full = net_for(head=[conv_pool_linear(channels=8, depth=2), "pool_linear"])[1]
+    assert net.heads[0].fc.in_features == 16 * 2 * 2
+    assert 0 < net.costs.head_macs[0] < full.costs.head_macs[0]
+    train_exits(net, _blobs(128, 4), mode="retrofit", epochs=1, batch_size=64, progress=False)
+    net.eval()
+    save_exits(net, tmp_path / "sep")
+    loaded = load_exits(model, tmp_path / "sep")
+    spec = loaded.head_specs[0]
+    assert spec["type"] == "sep_conv_pool_linear" and list(spec["options"]["widths"]) == [8, 16]
+    with torch.no_grad():
+        assert all(torch.allclose(a, b) for a, b in zip(net.forward_all(X), loaded.forward_all(X)))
+    with pytest.raises(MocoError, match="widths"):
+        sep_conv_pool_linear(widths=[])
+    with pytest.raises(MocoError, match="width"):
+        sep_conv_pool_linear(widths=[8, 0])
 
 
 # ------------------------------------------------------------------------------------- calibration

@@ -335,3 +335,23 @@ def test_select_one_shot_with_example_input_prunes_tied_layers_together():
     assert len(keep["conv_a"]) == 2
     with pytest.raises(MocoError, match="output"):
         select_one_shot(model, 0.5, layers=["fc"], example_input=x)
+
+
+def test_recalibrate_batchnorm_restores_statistics_without_touching_weights():
+    from moco.compress.finetune import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    x = torch.randn(300, 1, 8, 8) * 2 + 1
+    model[1].running_mean.fill_(100.0)  # stale statistics, as after surgery upstream
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    used = recalibrate_batchnorm(model, x, batch_size=100, max_samples=None)
+    assert used == 300 and not model.training and not model[1].training and model[1].momentum == 0.1
+    with torch.no_grad():
+        h = model[0](x)
+    assert torch.allclose(model[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert recalibrate_batchnorm(model, (x, torch.zeros(300, dtype=torch.long)), max_samples=50) == 50
+    assert recalibrate_batchnorm(nn.Linear(2, 2), x) == 0  # no BatchNorm: nothing to do
+    with pytest.raises(MocoError, match="no samples"):
+        recalibrate_batchnorm(model, x[:0])

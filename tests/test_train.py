@@ -69,6 +69,40 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_cosine_schedule_resumes_on_the_same_curve(tmp_path, monkeypatch):
+    import moco.train as train_mod
+
+    x, y = blobs()
+    torch.manual_seed(0)
+    straight, again = small_net(), small_net()
+    again.load_state_dict(straight.state_dict())
+    start = {k: v.clone() for k, v in straight.state_dict().items()}
+    fit(straight, (x, y), epochs=3, seed=3, lr=1e-2, schedule="cosine", progress=False)
+    real_save = train_mod.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):  # the run dies right after epoch 1's checkpoint
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.pt"
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(again, (x, y), epochs=3, seed=3, lr=1e-2, schedule="cosine", checkpoint=ckpt, progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    resumed = small_net()
+    result = fit(resumed, (x, y), epochs=3, seed=3, lr=1e-2, schedule="cosine", checkpoint=ckpt, progress=False)
+    assert [h.epoch for h in result.history] == [1, 2, 3]
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    # and the schedule matters: a constant rate ends elsewhere
+    constant = small_net()
+    constant.load_state_dict(start)
+    fit(constant, (x, y), epochs=3, seed=3, lr=1e-2, progress=False)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(straight.parameters(), constant.parameters()))
+    with pytest.raises(MocoError, match="schedule"):
+        fit(small_net(), (x, y), schedule="linear", progress=False)
+
+
 def test_checkpoint_round_trip_rebuilds_a_zoo_model(tmp_path):
     model = create("fashion_cnn", c1_channels=4, c2_channels=4, hidden=8)
     arch = {"name": "fashion_cnn", "kwargs": {"c1_channels": 4, "c2_channels": 4, "hidden": 8}}
@@ -128,3 +162,41 @@ def test_checkpoint_meta_with_torch_objects_still_loads_safely(tmp_path):
     path = save_checkpoint(small_net(), tmp_path / "m.pt", meta={"torch": torch.__version__, "shape": (1, 2)})
     _, meta = load_checkpoint(path, model=small_net())
     assert meta["torch"] == str(torch.__version__) and meta["shape"] == [1, 2]
+
+
+def test_pretrained_caches_and_retrains_a_stale_recipe(tmp_path, monkeypatch):
+    import moco.train as train_mod
+
+    monkeypatch.setenv("MOCO_CACHE", str(tmp_path))
+    monkeypatch.setitem(train_mod._RECIPES, ("lenet5", "digits"), dict(epochs=1, batch_size=256, lr=1e-3, optimizer="adam"))
+    _, meta = train_mod.pretrained("lenet5", "digits", progress=False)
+    _, again = train_mod.pretrained("lenet5", "digits", progress=False)
+    assert again["train_seconds"] == meta["train_seconds"]  # loaded, not retrained
+    monkeypatch.setitem(train_mod._RECIPES, ("lenet5", "digits"), dict(epochs=1, batch_size=256, lr=2e-3, optimizer="adam"))
+    _, changed = train_mod.pretrained("lenet5", "digits", progress=False)
+    assert changed["recipe"]["lr"] == 2e-3  # the cache entry of the old recipe was not reused
+
+
+def test_fit_distils_from_a_teacher_and_leaves_it_untouched():
+    x, y = blobs()
+    torch.manual_seed(0)
+    teacher = small_net()
+    fit(teacher, (x, y), epochs=3, lr=1e-2, progress=False)
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        answers = teacher.eval()(x).argmax(1)
+    teacher.train()
+    wrong = (answers + 1) % 4  # labels that never match the teacher: pure distillation must ignore them
+    agreement = {}
+    for d in (0.0, 1.0):
+        torch.manual_seed(1)
+        student = small_net()
+        fit(student, (x, wrong), epochs=5, lr=1e-2, teacher=teacher, distillation=d, progress=False)
+        agreement[d] = float((predict(student, x).argmax(1) == answers).float().mean())
+    assert agreement[1.0] > 0.9 and agreement[0.0] < 0.1, agreement
+    assert teacher.training and all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(MocoError, match="teacher is the model"):
+        fit(teacher, (x, y), teacher=teacher, progress=False)
+    with pytest.raises(MocoError, match="distillation"):
+        fit(small_net(), (x, y), teacher=teacher, distillation=2.0, progress=False)

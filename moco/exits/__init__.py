@@ -9,7 +9,8 @@ certified accuracy-drop or agreement bound, maximising MACs saved) -> ``net(x)``
 
 from moco.exits.calibrate import CalibrationResult, FamilyPoint, calibrate
 from moco.exits.criteria import CRITERIA, Criterion, Entropy, MaxProb, get_criterion
-from moco.exits.heads import ConvPoolLinearHead, HeadFactory, PoolLinearHead, conv_pool_linear, pool_linear
+from moco.exits.heads import (ConvPoolLinearHead, HeadFactory, PoolLinearHead, SepConvPoolLinearHead, conv_pool_linear,
+                              pool_linear, sep_conv_pool_linear)
 from moco.exits.io import load_exits, save_exits
 from moco.exits.network import EarlyExitNetwork, ExitCosts, attach_exits, auto_points
 from moco.exits.outputs import ExitOutputs, collect_outputs, simulate
@@ -20,8 +21,8 @@ from moco.exits.training import ExitEpochLog, ExitTrainResult, default_weights, 
 __all__ = [
     "CRITERIA", "CalibrationResult", "ConvPoolLinearHead", "Criterion", "EarlyExitNetwork", "Entropy",
     "ExitCosts", "ExitEpochLog", "ExitOutputs", "ExitReport", "ExitTrainResult", "FamilyPoint", "HeadFactory",
-    "MaxProb", "PoolLinearHead", "TradeoffCurve", "TradeoffPoint", "attach_exits", "auto_points", "calibrate",
+    "MaxProb", "PoolLinearHead", "SepConvPoolLinearHead", "TradeoffCurve", "TradeoffPoint", "attach_exits", "auto_points", "calibrate",
     "collect_outputs", "conv_pool_linear", "default_weights", "evaluate_exits", "exit_accuracies",
-    "get_criterion", "load_exits", "pool_linear", "save_exits", "simulate", "summarize_outputs", "tradeoff_curve",
+    "get_criterion", "load_exits", "pool_linear", "save_exits", "sep_conv_pool_linear", "simulate", "summarize_outputs", "tradeoff_curve",
     "train_exits",
 ]

@@ -8,7 +8,6 @@ a model of the same architecture.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 from moco.errors import MocoError
 from moco.exits.criteria import Criterion, get_criterion
 from moco.exits.network import EarlyExitNetwork, attach_exits
-from moco.io import atomic_path, write_json_atomic
+from moco.io import atomic_path, read_json_document, write_json_atomic
 
 __all__ = ["save_exits", "load_exits"]
 
@@ -66,14 +65,7 @@ def load_exits(model: nn.Module, path: str | Path, *, head: Any = None,
     json_path, npz_path = _paths(path)
     if not json_path.is_file() or not npz_path.is_file():
         raise MocoError(f"saved exits need both {json_path} and {npz_path}; save them with save_exits(net, path)")
-    try:
-        meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MocoError(f"{json_path} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MocoError(f"{json_path} is not a moco exits file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise MocoError(f"{json_path} has version {meta.get('version')}; this moco reads version {VERSION}")
+    meta = read_json_document(json_path, format=FORMAT, version=VERSION, what="moco exits file")
     specs = meta["head_specs"]
     heads: list[Any] = []
     for spec in specs:

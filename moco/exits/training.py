@@ -102,6 +102,8 @@ def train_exits(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     schedule: str = "constant",
+    distillation: float = 0.0,
+    temperature: float = 3.0,
     seed: int = 0,
     val_data: Any = None,
     progress: bool = True,
@@ -118,6 +120,12 @@ def train_exits(
     ``weights``: one per exit, final last (retrofit also accepts one per early exit); default
     :func:`default_weights` (seed 004: 1.0 for the first exit, 0.3 for the others).
     ``schedule``: ``"constant"`` or ``"cosine"`` (learning rate annealed to 0 over all steps).
+    ``distillation`` (in [0, 1]): self-distillation of every early exit from the final exit (Phuong &
+    Lampert 2019): exit ``i``'s term becomes ``(1 - d) * CE_i + d * T^2 * KL(softmax(final / T) ||
+    softmax(exit_i / T))`` with the final exit's output detached (``T = temperature``). It teaches the
+    early exits to agree with the final one, which is what calibration for accuracy drop or
+    disagreement rewards; in retrofit mode the frozen backbone then runs to the end (the final exit
+    is still unchanged).
     Shuffling is seeded by ``seed`` without touching the global RNG. Each epoch logs the per-exit
     running train accuracy, and the per-exit accuracy on ``val_data`` when given (a progress bar
     with ``progress``). Training flags are restored afterwards.
@@ -130,6 +138,13 @@ def train_exits(
         raise MocoError(f"epochs must be an int >= 1, got {epochs!r}")
     if schedule not in ("constant", "cosine"):
         raise MocoError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    for name, value in (("distillation", distillation), ("temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MocoError(f"{name} must be a number, got {value!r}")
+    if not 0.0 <= distillation <= 1.0:
+        raise MocoError(f"distillation is a weight in [0, 1], got {distillation}")
+    if temperature <= 0:
+        raise MocoError(f"temperature must be > 0, got {temperature}")
     k = net.num_exits
     w = _check_weights(weights, k, mode)
     n = num_samples(train_data)
@@ -176,8 +191,16 @@ def train_exits(
                             for segment in net.segments[:-1]:
                                 h = segment(h)
                                 acts.append(h)
+                            teacher = net.segments[-1](h) if distillation > 0 else None
                         outs = [head(a) for head, a in zip(net.heads, acts)]
                     losses = [F.cross_entropy(o, y) for o in outs]
+                    if distillation > 0:
+                        final = (outs[-1] if mode == "joint" else teacher).detach()
+                        soft = F.log_softmax(final / temperature, dim=1)
+                        for i in range(k - 1):
+                            kl = F.kl_div(F.log_softmax(outs[i] / temperature, dim=1), soft, reduction="batchmean",
+                                          log_target=True)
+                            losses[i] = (1 - distillation) * losses[i] + distillation * temperature ** 2 * kl
                     loss = sum(wi * li for wi, li in zip(w, losses) if wi > 0)
                     if not torch.isfinite(loss):
                         raise MocoError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; lower lr={lr}")

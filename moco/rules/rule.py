@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from moco.errors import MocoError
-from moco.io import write_bytes_atomic, write_json_atomic
+from moco.io import read_json_document, write_bytes_atomic, write_json_atomic
 
 RULES_FORMAT = "moco.rules"
 RULES_VERSION = 1
@@ -217,14 +216,7 @@ def load_rules(path: str | Path) -> RuleSet:
     jpath = base.with_name(base.name + ".json")
     if not jpath.is_file():
         raise MocoError(f"rule file {jpath} does not exist")
-    try:
-        meta = json.loads(jpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MocoError(f"{jpath} is not valid JSON ({exc}); it is not a moco rule file") from None
-    if not isinstance(meta, dict) or meta.get("format") != RULES_FORMAT:
-        raise MocoError(f"{jpath} is not a moco rule file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != RULES_VERSION:
-        raise MocoError(f"{jpath} has rule format version {meta.get('version')}; this moco reads {RULES_VERSION}")
+    meta = read_json_document(jpath, format=RULES_FORMAT, version=RULES_VERSION, what="moco rule file")
     try:
         weights_meta = meta["weights"]
         npz = jpath.with_name(weights_meta["file"])

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 from torch import nn
 
 from moco.compress.pfa import selection as _sel

@@ -25,7 +25,7 @@ from torch import nn
 
 from moco.compress.surgery.errors import SurgeryError
 from moco.compress.surgery.modules import SIZED_TYPES, build_module, describe_module
-from moco.io import atomic_path, write_json_atomic
+from moco.io import atomic_path, read_json_document, write_json_atomic
 
 __all__ = ["load", "save"]
 
@@ -157,13 +157,7 @@ def load(path: str | os.PathLike, base: nn.Module | str | dict | None = None) ->
     jpath = stem.with_name(stem.name + ".json")
     if not jpath.is_file():
         raise SurgeryError(f"no surgery description {jpath}; save the model with moco.compress.surgery.save first")
-    try:
-        desc = json.loads(jpath.read_text())
-    except ValueError as err:
-        raise SurgeryError(f"{jpath} is not valid JSON: {err}") from None
-    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
-        found = desc.get("format") if isinstance(desc, dict) else None
-        raise SurgeryError(f"{jpath} is not a {FORMAT} description (format={found!r})")
+    desc = read_json_document(jpath, format=FORMAT, what=f"{FORMAT} description", error=SurgeryError)
     wpath = jpath.with_name(str(desc.get("weights", "")))
     if not wpath.is_file():
         raise SurgeryError(f"weights file {wpath} named by {jpath} does not exist")
