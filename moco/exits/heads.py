@@ -48,6 +48,15 @@ class PoolLinearHead(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+def _require_feature_map(head: str, in_shape: tuple[int, ...]) -> None:
+    """Raise a clear error when a convolutional head is attached where the activation is not ``[B, C, H, W]``."""
+    if len(in_shape) != 3:
+        raise MocoError(
+            f"{head} heads need a [B, C, H, W] activation, got [B, *{tuple(in_shape)}]; "
+            f"use head='pool_linear' at this point"
+        )
+
+
 class ConvPoolLinearHead(nn.Module):
     """``Conv3x3(C -> channels, stride) -> BN -> ReLU`` (``depth`` times, the width doubling after the
     first) ``-> AdaptiveAvgPool2d(pool_size) -> Flatten -> Linear``."""
@@ -55,11 +64,7 @@ class ConvPoolLinearHead(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, channels: int | None = None, stride: int = 2,
                  pool_size: int = 2, depth: int = 1):
         super().__init__()
-        if len(in_shape) != 3:
-            raise MocoError(
-                f"conv_pool_linear heads need a [B, C, H, W] activation, got [B, *{tuple(in_shape)}]; "
-                f"use head='pool_linear' at this point"
-            )
+        _require_feature_map("conv_pool_linear", in_shape)
         c = int(in_shape[0])
         width = int(channels) if channels else max(16, 2 * c)
         self.conv = nn.Conv2d(c, width, 3, stride, 1, bias=False)
@@ -90,11 +95,7 @@ class SepConvPoolLinearHead(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...] = (64, 128, 256),
                  stride: int = 2, pool_size: int = 2):
         super().__init__()
-        if len(in_shape) != 3:
-            raise MocoError(
-                f"sep_conv_pool_linear heads need a [B, C, H, W] activation, got [B, *{tuple(in_shape)}]; "
-                f"use head='pool_linear' at this point"
-            )
+        _require_feature_map("sep_conv_pool_linear", in_shape)
         c = int(in_shape[0])
         layers: list[nn.Module] = []
         for w in widths:
