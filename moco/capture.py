@@ -389,7 +389,6 @@ def _resolve_layers(model: nn.Module, layers: str | list[str] | tuple[str, ...])
     return resolved
 
 
-
 def iter_layer_outputs(
     model: nn.Module,
     data: Any,

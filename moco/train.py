@@ -80,6 +80,28 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return y.long()
 
 
+def check_distillation(distillation: float, temperature: float) -> None:
+    """Raise MocoError unless ``distillation`` is a weight in [0, 1] and ``temperature`` a number > 0."""
+    for name, value in (("distillation", distillation), ("temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MocoError(f"{name} must be a number, got {value!r}")
+    if not 0.0 <= distillation <= 1.0:
+        raise MocoError(f"distillation is a weight in [0, 1], got {distillation!r}")
+    if temperature <= 0:
+        raise MocoError(f"temperature must be > 0, got {temperature!r}")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge-distillation term (Hinton et al. 2015): ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``.
+
+    ``student`` and ``teacher`` are logits ``[B, C]``; the teacher's are detached (no gradient flows to
+    them); averaged over the batch. The ``T^2`` keeps its gradient scale comparable to cross-entropy's.
+    """
+    soft = F.log_softmax(teacher.detach() / temperature, dim=1)
+    kl = F.kl_div(F.log_softmax(student / temperature, dim=1), soft, reduction="batchmean", log_target=True)
+    return temperature**2 * kl
+
+
 def fit(
     model: nn.Module,
     train_data: Any,
@@ -125,10 +147,7 @@ def fit(
             raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         if teacher is model:
             raise MocoError("teacher is the model being trained; pass a separate model (e.g. the original)")
-        if isinstance(distillation, bool) or not isinstance(distillation, (int, float)) or not 0 <= distillation <= 1:
-            raise MocoError(f"distillation is a weight in [0, 1], got {distillation!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise MocoError(f"temperature must be > 0, got {temperature!r}")
+        check_distillation(distillation, temperature)
     num_samples(train_data)  # fails early with a clear TypeError for unsupported data
     opt = _make_optimizer(model, optimizer, lr, momentum, weight_decay)
     history: list[EpochLog] = []
@@ -166,9 +185,8 @@ def fit(
                 loss = F.cross_entropy(logits, y)
                 if teacher is not None and distillation > 0:
                     with torch.no_grad():
-                        soft = F.log_softmax(teacher(x) / temperature, dim=1)
-                    kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean", log_target=True)
-                    loss = (1 - distillation) * loss + distillation * temperature**2 * kl
+                        target = teacher(x)
+                    loss = (1 - distillation) * loss + distillation * distillation_loss(logits, target, temperature)
                 if not torch.isfinite(loss):
                     raise MocoError(f"training diverged (loss {loss.item()}) in epoch {epoch + 1}; lower lr={lr}")
                 opt.zero_grad(set_to_none=True)

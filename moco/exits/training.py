@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from moco.batches import iter_batches, num_samples
 from moco.errors import MocoError
 from moco.exits.network import EarlyExitNetwork
+from moco.train import check_distillation, distillation_loss
 
 __all__ = ["ExitEpochLog", "ExitTrainResult", "train_exits", "default_weights", "exit_accuracies"]
 
@@ -138,13 +139,7 @@ def train_exits(
         raise MocoError(f"epochs must be an int >= 1, got {epochs!r}")
     if schedule not in ("constant", "cosine"):
         raise MocoError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-    for name, value in (("distillation", distillation), ("temperature", temperature)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MocoError(f"{name} must be a number, got {value!r}")
-    if not 0.0 <= distillation <= 1.0:
-        raise MocoError(f"distillation is a weight in [0, 1], got {distillation}")
-    if temperature <= 0:
-        raise MocoError(f"temperature must be > 0, got {temperature}")
+    check_distillation(distillation, temperature)
     k = net.num_exits
     w = _check_weights(weights, k, mode)
     n = num_samples(train_data)
@@ -195,12 +190,10 @@ def train_exits(
                         outs = [head(a) for head, a in zip(net.heads, acts)]
                     losses = [F.cross_entropy(o, y) for o in outs]
                     if distillation > 0:
-                        final = (outs[-1] if mode == "joint" else teacher).detach()
-                        soft = F.log_softmax(final / temperature, dim=1)
+                        final = outs[-1] if mode == "joint" else teacher
                         for i in range(k - 1):
-                            kl = F.kl_div(F.log_softmax(outs[i] / temperature, dim=1), soft, reduction="batchmean",
-                                          log_target=True)
-                            losses[i] = (1 - distillation) * losses[i] + distillation * temperature ** 2 * kl
+                            losses[i] = ((1 - distillation) * losses[i]
+                                         + distillation * distillation_loss(outs[i], final, temperature))
                     loss = sum(wi * li for wi, li in zip(w, losses) if wi > 0)
                     if not torch.isfinite(loss):
                         raise MocoError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; lower lr={lr}")
