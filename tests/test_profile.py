@@ -339,3 +339,122 @@ def test_bad_inputs_raise_clear_errors():
     assert "could not run on input shape (1, 1, 32, 32)" in message
     assert "mat1 and mat2 shapes cannot be multiplied" in message
     assert "\n" not in message and "Traceback" not in message
+
+
+# ---------------------------------------------------------------- fused attention / recurrent kernels, TorchScript
+
+
+def _fastpath(enabled: bool):
+    class _Flag:
+        def __enter__(self):
+            self.old = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(enabled)
+
+        def __exit__(self, *exc):
+            torch.backends.mha.set_fastpath_enabled(self.old)
+
+    return _Flag()
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_encoder_layer_fused_kernel_counted_like_unfused(norm_first, activation):
+    torch.manual_seed(0)
+    b, length, e, hidden = 2, 10, 32, 64
+    layer = nn.TransformerEncoderLayer(e, 4, hidden, batch_first=True, norm_first=norm_first, activation=activation)
+    x = torch.randn(b, length, e)
+    fused = profile(layer, x, latency=False)  # eval + no_grad: aten._transformer_encoder_layer_fwd
+    with _fastpath(False):
+        unfused = profile(layer, x, latency=False)
+    # hand count: QKV projection, QK^T and AV (dense), output projection, feed-forward
+    hand = b * length * e * 3 * e + 2 * b * length * length * e + b * length * e * e + 2 * b * length * e * hidden
+    assert fused.totals.macs == unfused.totals.macs == hand == 176_640
+    assert fused.totals.flops == unfused.totals.flops
+    assert fused.unsupported_ops == {}
+
+
+def test_multihead_attention_and_sdpa_counted():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x, memory):
+            return self.mha(x, memory, memory)[0]
+
+    torch.manual_seed(0)
+    model = Attention()
+    x, memory = torch.randn(2, 10, 32), torch.randn(2, 6, 32)
+    fused = profile(model, (x, memory), latency=False)
+    with _fastpath(False):
+        unfused = profile(model, (x, memory), latency=False)
+    hand = 2 * 10 * 32 * 32 + 2 * (2 * 6 * 32 * 32) + 2 * (2 * 10 * 6 * 32) + 2 * 10 * 32 * 32  # q, k+v, QK^T+AV, out
+    assert fused.totals.macs == unfused.totals.macs == hand
+    assert fused.layer("mha").macs == hand
+
+    class Sdpa(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 16)
+    p = profile(Sdpa(), (q, k, v), latency=False)
+    assert p.totals.macs == 2 * 4 * 10 * 10 * (8 + 16)  # dense convention, causal or not
+    assert p.unsupported_ops == {}
+    assert p.totals.other_elementwise_flops >= 5 * 2 * 4 * 10 * 10  # softmax over every score
+
+
+def test_lstm_and_gru_count_gate_products_per_step():
+    class Recurrent(nn.Module):
+        def __init__(self, cell):
+            super().__init__()
+            self.rnn = cell(16, 32, batch_first=True)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 16)  # 16 steps, input 16, hidden 32
+    lstm = Recurrent(nn.LSTM)
+    fused = profile(lstm, x, latency=False)  # aten.mkldnn_rnn_layer
+    assert fused.layer("rnn").macs == 4 * 16 * 32 * (16 + 32) == 98_304
+    with torch.backends.mkldnn.flags(enabled=False):  # the unfused per-step path
+        unfused = profile(lstm, x, latency=False)
+    assert fused.layer("rnn").to_dict() == unfused.layer("rnn").to_dict()
+    assert fused.unsupported_ops == unfused.unsupported_ops == {}
+    gru = profile(Recurrent(nn.GRU), x, latency=False)
+    assert gru.layer("rnn").macs == 3 * 16 * 32 * (16 + 32)
+    two_layer = profile(nn.LSTM(16, 32, num_layers=2, bidirectional=True), torch.randn(5, 3, 16), latency=False)
+    assert two_layer.totals.macs == 2 * 4 * 5 * 3 * 32 * (16 + 32) + 2 * 4 * 5 * 3 * 32 * (64 + 32)
+
+
+def test_scripted_model_totals_exact_and_rows_said_unavailable():
+    torch.manual_seed(0)
+    model = create("seed_cnn").eval()
+    x = torch.randn(1, 1, 28, 28)
+    eager = profile(model, x, latency=False)
+    scripted = profile(torch.jit.script(model), x, latency=False)
+    assert scripted.totals.macs == eager.totals.macs and scripted.totals.flops == eager.totals.flops
+    assert eager.attribution == "per module" and eager.bottleneck == "2"
+    assert scripted.bottleneck is None
+    assert "per-module rows unavailable" in scripted.attribution and scripted.attribution in scripted.to_text()
+    assert scripted.to_dict()["attribution"] == scripted.attribution
+    assert scripted.layer("2").type == "Conv2d"
+
+
+def test_profile_without_latency_runs_the_model_once():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.forwards = 0
+
+        def forward(self, x):
+            self.forwards += 1
+            return self.fc(x)
+
+    model = Counting()
+    profile(model, torch.randn(3, 4), latency=False)
+    assert model.forwards == 1
+    model.forwards = 0
+    profile(model, torch.randn(3, 4), repeats=3, warmup=1)
+    assert model.forwards == 1 + 1 + 2 * 3  # counting pass, warm-up, hooked and un-hooked timed passes

@@ -23,6 +23,15 @@ Conventions
     adaptive pooling 1 per input element; softmax/log_softmax 5 per element (max, subtract, exp,
     sum, divide); sum/mean/max/min/argmax/... 1 per input element; var/std/norm 2 per input element.
 
+* Fused kernels count as their unfused reference paths (run on shape-only meta tensors, so the
+  counts are identical): ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` fast paths (QKV
+  and output projections, ``QK^T`` and ``AV``, softmax, feed-forward, layer norms),
+  ``F.scaled_dot_product_attention`` kernels and oneDNN LSTM layers (``T*B*4H*(I+H)`` MACs: input and
+  recurrent products of the 4 gates per time step). Attention is counted **dense**: every one of the
+  ``Lq x Lk`` scores, also when causal or masked, as the math kernel computes them; a mask adds one
+  FLOP per score.
+* A TorchScript model runs without Python module hooks: totals are exact, rows are not attributed
+  (``Profile.attribution`` says so, ``bottleneck`` is ``None``).
 * Views, metadata, copies, concatenation, padding, indexing and allocation are zero-cost
   (``moco.profile.counting.ZERO_COST_OPS``). Any other aten op that touches tensor data and has no
   formula is listed in ``Profile.unsupported_ops`` with its call count, never silently counted as 0.
@@ -34,7 +43,8 @@ Conventions
 * ``params`` are a module's own parameters (a shared parameter counts once), so the column sums to
   the model's total. ``activation_bytes`` are the bytes of a module's output tensors, summed over calls.
 * ``latency_s`` is a module's median exclusive wall-clock time (seconds, children excluded) over
-  ``repeats`` forward passes; ``latency_share`` its fraction of the sum over rows.
+  ``repeats`` forward passes (default 3, after the counting pass and ``warmup`` passes, default 1);
+  ``latency_share`` its fraction of the sum over rows. Without latency the model runs exactly once.
   ``Profile.forward_time_s`` is the median whole forward pass without hooks.
 * The model runs in eval mode under ``torch.no_grad()``; nothing on it is changed (hooks are global
   and removed afterwards, ``training`` flags are restored). Global hooks see every module in the

@@ -134,6 +134,134 @@ def _conv_formula(bias_index: int | None, transposed_index: int | None) -> Formu
     return formula
 
 
+# ---------------------------------------------------------------- fused kernels (attention, recurrent layers)
+#
+# Fused kernels do in one aten call what the reference (unfused) path does in many. Their work is
+# counted by running that reference path on shape-only ``meta`` tensors under a nested CountingMode,
+# so a fused call counts exactly what the unfused path counts (no data is touched, nothing is
+# computed). Attention is counted dense: all Lq x Lk scores, causal or masked, as the math kernel
+# computes them (a flash kernel may skip fully masked blocks, up to half the QK^T and AV work when
+# causal); a mask costs one add per score.
+
+
+def _meta(value: Any) -> Any:
+    return torch.empty(value.shape, dtype=value.dtype, device="meta") if isinstance(value, torch.Tensor) else value
+
+
+def _count_reference(reference: Callable[..., Any], *args: Any, **kwargs: Any) -> Work:
+    """Work of ``reference(*args, **kwargs)`` run on meta copies of its tensor arguments."""
+    args = tuple(_meta(a) for a in args)
+    kwargs = {k: _meta(v) for k, v in kwargs.items()}
+    inner = CountingMode(lambda: "")
+    with inner:
+        reference(*args, **kwargs)
+    return inner.total
+
+
+def _sdpa_math(q, k, v, mask=None, is_causal=False, scale=None):
+    """The math kernel of scaled dot-product attention (composite: mul, bmm, softmax, bmm)."""
+    if mask is not None:
+        mask = torch.empty(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype, device="meta")
+    return aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, bool(is_causal) and mask is None, scale=scale)
+
+
+def _sdpa_formula(mask_index: int | None, causal_index: int) -> Formula:
+    """Formula for a fused SDPA kernel whose mask / ``is_causal`` sit at these positions (or in kwargs)."""
+
+    def formula(args, kwargs, out) -> Work:
+        mask = _arg(args, kwargs, mask_index, "attn_bias", None) if mask_index is not None else None
+        mask = mask if mask is not None else kwargs.get("attn_mask")
+        return _count_reference(_sdpa_math, args[0], args[1], args[2], mask=mask,
+                                is_causal=bool(_arg(args, kwargs, causal_index, "is_causal", False)),
+                                scale=kwargs.get("scale"))
+
+    return formula
+
+
+def _heads(x, batch: int, length: int, heads: int):
+    return x.reshape(batch, length, heads, -1).transpose(1, 2)
+
+
+def _mha_reference(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                   mask=None, need_weights=True, average_attn_weights=True, mask_type=None):
+    """``nn.MultiheadAttention``'s unfused path: three input projections, attention, output projection."""
+    import torch.nn.functional as F
+
+    batch, lq, lk = query.shape[0], query.shape[1], key.shape[1]
+    wq, wk, wv = qkv_weight.split(embed_dim)
+    bq, bk, bv = qkv_bias.split(embed_dim)
+    q = _heads(F.linear(query, wq, bq), batch, lq, num_head)
+    k = _heads(F.linear(key, wk, bk), batch, lk, num_head)
+    v = _heads(F.linear(value, wv, bv), batch, lk, num_head)
+    out, weights = _sdpa_math(q, k, v, mask=mask)
+    if need_weights and average_attn_weights:
+        weights.mean(dim=1)
+    return F.linear(out.transpose(1, 2).reshape(batch, lq, embed_dim), proj_weight, proj_bias)
+
+
+def _encoder_layer_reference(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu,
+                             norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1,
+                             ffn_bias_1, ffn_weight_2, ffn_bias_2, mask=None, mask_type=None):
+    """``nn.TransformerEncoderLayer``'s unfused path: self-attention, feed-forward, two layer norms, two adds."""
+    import torch.nn.functional as F
+
+    def attention(x):
+        return _mha_reference(x, x, x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                              mask=mask, need_weights=False)
+
+    def feed_forward(x):
+        hidden = F.linear(x, ffn_weight_1, ffn_bias_1)
+        return F.linear(F.gelu(hidden) if use_gelu else F.relu(hidden), ffn_weight_2, ffn_bias_2)
+
+    def norm(x, weight, bias):
+        return F.layer_norm(x, (embed_dim,), weight, bias, eps)
+
+    if norm_first:
+        x = src + attention(norm(src, norm_weight_1, norm_bias_1))
+        return x + feed_forward(norm(x, norm_weight_2, norm_bias_2))
+    x = norm(src + attention(src), norm_weight_1, norm_bias_1)
+    return norm(x + feed_forward(x), norm_weight_2, norm_bias_2)
+
+
+def _reference_formula(reference: Callable[..., Any]) -> Formula:
+    """Formula counting ``reference`` on the op's arguments; a nested-tensor input counts per sequence."""
+
+    def formula(args, kwargs, out) -> Work:
+        first = args[0]
+        if isinstance(first, torch.Tensor) and first.is_nested:
+            work = Work()
+            for sequence in first.unbind():
+                work.add(_count_reference(reference, sequence.unsqueeze(0), *args[1:], **kwargs))
+            return work
+        return _count_reference(reference, *args, **kwargs)
+
+    return formula
+
+
+def _mkldnn_rnn_layer(args, kwargs, out) -> Work:
+    """One direction of one LSTM layer (oneDNN): per step the gate products and the cell update.
+
+    Counted as the unfused path does: ``T*B*4H*(I+H)`` MACs (input and recurrent products of the 4
+    gates), the two gate biases (``2*T*B*4H`` bias FLOPs), 3 sigmoids and 2 tanh per hidden unit and
+    step (activations), and per hidden unit and step 4 gate adds, ``f*c + i*g`` (3) and ``o*tanh(c)`` (1).
+    Only the LSTM mode is used by PyTorch on CPU; other modes return ``None`` (listed as unsupported).
+    """
+    x, w_ih, w_hh = args[0], args[1], args[2]
+    mode = int(_arg(args, kwargs, 9, "mode"))
+    if mode != 2:
+        return None  # type: ignore[return-value]
+    hidden = w_hh.shape[1]
+    gates = w_ih.shape[0]
+    steps_times_batch = x.shape[0] * x.shape[1]
+    has_biases = bool(_arg(args, kwargs, 12, "has_biases", True))
+    return Work(
+        macs=steps_times_batch * gates * (w_ih.shape[1] + hidden),
+        bias_flops=2 * steps_times_batch * gates if has_biases else 0,
+        activation_flops=5 * steps_times_batch * hidden,
+        other_elementwise_flops=steps_times_batch * (gates + 4 * hidden),
+    )
+
+
 # ---------------------------------------------------------------- element-wise and reductions
 
 
@@ -224,7 +352,7 @@ ZERO_COST_OPS: frozenset[str] = frozenset({
     "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "flatten", "unflatten", "t", "t_",
     "transpose", "transpose_", "permute", "expand", "expand_as", "squeeze", "squeeze_", "unsqueeze",
     "unsqueeze_", "detach", "detach_", "alias", "as_strided", "as_strided_", "slice", "select", "narrow",
-    "split", "split_with_sizes", "chunk", "unbind", "unfold", "diagonal", "view_as_real", "view_as_complex",
+    "split", "split_with_sizes", "chunk", "unbind", "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "unfold", "diagonal", "view_as_real", "view_as_complex",
     "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "size", "stride", "numel", "dim",
     "is_contiguous", "is_strides_like_format", "is_non_overlapping_and_dense", "storage_offset", "layout",
     "device", "_local_scalar_dense", "resize_", "set_", "lift_fresh",
@@ -236,7 +364,7 @@ ZERO_COST_OPS: frozenset[str] = frozenset({
     # allocation and fill
     "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
     "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "fill", "fill_", "zero", "zero_",
-    "scalar_tensor", "arange",
+    "scalar_tensor", "arange", "tril", "triu",
 })
 """Names of aten ops that do no arithmetic: views, metadata, copies, concatenation, padding, indexing,
 allocation and fill. They cost 0 MACs and 0 FLOPs and are never reported as unsupported."""
@@ -267,6 +395,14 @@ def _build_formulas() -> dict[Any, Formula]:
     put("mkldnn_convolution", _conv_formula(bias_index=2, transposed_index=None))
     put("_slow_conv2d_forward", _conv_formula(bias_index=3, transposed_index=None))
     put("cudnn_convolution", _conv_formula(bias_index=None, transposed_index=None))
+    put("_scaled_dot_product_flash_attention_for_cpu", _sdpa_formula(mask_index=None, causal_index=4))
+    put("_scaled_dot_product_flash_attention", _sdpa_formula(mask_index=None, causal_index=4))
+    put("_scaled_dot_product_efficient_attention", _sdpa_formula(mask_index=3, causal_index=6))
+    put("_scaled_dot_product_cudnn_attention", _sdpa_formula(mask_index=3, causal_index=6))
+    put("_scaled_dot_product_fused_attention_overrideable", _sdpa_formula(mask_index=3, causal_index=5))
+    put("_native_multi_head_attention", _reference_formula(_mha_reference))
+    put("_transformer_encoder_layer_fwd", _reference_formula(_encoder_layer_reference))
+    put("mkldnn_rnn_layer", _mkldnn_rnn_layer)
     for name in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training"):
         put(name, _batch_norm)
     for name, dims in _WINDOW_POOLS.items():

@@ -94,8 +94,8 @@ def profile(
     example_input: torch.Tensor | Sequence[torch.Tensor],
     *,
     latency: bool = True,
-    repeats: int = 5,
-    warmup: int = 2,
+    repeats: int = 3,
+    warmup: int = 1,
 ) -> Profile:
     """Profile ``model(*example_input)``: work and time of every module, in eval mode, without grad.
 
@@ -105,7 +105,16 @@ def profile(
     count for that module. ``macs`` are multiply-accumulates, ``flops = 2 * macs + elementwise_flops``
     (see :mod:`moco.profile` for the element-wise rules), ``activation_bytes`` bytes of the module's
     outputs. With ``latency`` every module's exclusive time is measured in seconds (median of
-    ``repeats`` passes after ``warmup`` passes), and the whole forward pass without hooks.
+    ``repeats`` passes after ``warmup`` passes; the counting pass runs first and warms up too), and the
+    whole forward pass without hooks (median of ``repeats``). Without latency the model runs once.
+
+    Fused kernels are counted as their unfused reference paths: ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` fast paths (QKV and output projections, ``QK^T`` and ``AV`` products,
+    softmax, feed-forward, layer norms), ``F.scaled_dot_product_attention`` (dense: a causal or masked
+    attention counts all ``Lq x Lk`` scores, as the math kernel computes them) and oneDNN LSTM layers
+    (the 4 gate products per time step: ``T*B*4H*(I+H)`` MACs). A TorchScript model runs without
+    Python module hooks, so its work is counted in full but lands in the root row: the profile says so
+    in ``attribution`` and has no bottleneck.
 
     The model is not changed: hooks are global and removed afterwards, it runs under
     ``torch.no_grad()`` in eval mode and every module's ``training`` flag is restored on return.
@@ -126,22 +135,41 @@ def profile(
         raise MocoError(f"example_input has an empty batch (shape {shape}); give it at least one sample")
 
     with _inference_mode_restored(model):
-        try:
-            model(*inputs)
-        except Exception as exc:  # the model rejects this input; say so in one line
-            raise MocoError(f"the model could not run on input shape {shape}: {_last_line(exc)}") from None
-
+        # One counted pass (no separate trial run: on failure the model alone is run to tell a model
+        # that rejects the input, reported in one line, from an error of the counting itself).
         recorder = _OutputRecorder()
         tracker = CallTracker(model, on_exit=recorder.on_exit)
-        with tracker, CountingMode(tracker.current) as mode:
-            output = model(*inputs)
+        try:
+            with tracker, CountingMode(tracker.current) as mode:
+                output = model(*inputs)
+        except Exception:
+            try:
+                model(*inputs)
+            except Exception as exc:  # the model rejects this input; say so in one line
+                raise MocoError(f"the model could not run on input shape {shape}: {_last_line(exc)}") from None
+            raise
         calls = dict(tracker.calls)
         timing = measure_latency(model, inputs, repeats=repeats, warmup=warmup) if latency else None
 
     return _build(model, inputs, shape, output, calls, recorder, mode, timing, repeats if latency else 0)
 
 
+SCRIPTED_ATTRIBUTION = (
+    "per-module rows unavailable: a TorchScript model runs its submodules without Python module hooks, "
+    "so all work is counted in the root row (totals are exact); profile the eager model for per-module rows"
+)
+"""``Profile.attribution`` of a TorchScript (``torch.jit.script``/``trace``) model."""
+
+
+def _type_name(module: nn.Module) -> str:
+    """Class name; a TorchScript module's original class name (``Conv2d``, not ``RecursiveScriptModule``)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", None) or type(module).__name__
+    return type(module).__name__
+
+
 def _build(model, inputs, shape, output, calls, recorder, mode, timing, repeats) -> Profile:
+    scripted = isinstance(model, torch.jit.ScriptModule)
     seen_params: set[int] = set()
     rows: list[LayerProfile] = []
     for name, module in model.named_modules():
@@ -157,7 +185,7 @@ def _build(model, inputs, shape, output, calls, recorder, mode, timing, repeats)
         if not ((n_calls and (is_leaf or not work.is_zero() or unsupported)) or own):
             continue
         rows.append(LayerProfile(
-            name=name, type=type(module).__name__, calls=n_calls, output_shape=recorder.shapes.get(name),
+            name=name, type=_type_name(module), calls=n_calls, output_shape=recorder.shapes.get(name),
             params=own, macs=work.macs, bias_flops=work.bias_flops, activation_flops=work.activation_flops,
             other_elementwise_flops=work.other_elementwise_flops, activation_bytes=recorder.bytes.get(name, 0),
             unsupported_ops=tuple(sorted(unsupported)),
@@ -185,7 +213,7 @@ def _build(model, inputs, shape, output, calls, recorder, mode, timing, repeats)
         forward_time = timing.forward_s
 
     totals = LayerProfile(
-        name="total", type=type(model).__name__, calls=1, output_shape=_output_shape(output),
+        name="total", type=_type_name(model), calls=1, output_shape=_output_shape(output),
         params=total_params, macs=summed.macs, bias_flops=summed.bias_flops,
         activation_flops=summed.activation_flops, other_elementwise_flops=summed.other_elementwise_flops,
         activation_bytes=sum(r.activation_bytes for r in rows), latency_s=total_latency,
@@ -195,14 +223,16 @@ def _build(model, inputs, shape, output, calls, recorder, mode, timing, repeats)
     bottleneck = _argmax(rows, "macs")
     if bottleneck is None:
         bottleneck = _argmax(rows, "flops")
+    if scripted:
+        bottleneck = None
     slowest = _argmax(rows, "latency_s") if timing is not None else None
     first = inputs[0]
     return Profile(
-        model_type=type(model).__name__, input_shape=shape,
+        model_type=_type_name(model), input_shape=shape,
         batch_size=int(first.shape[0]) if first.dim() > 0 else 1,
         rows=tuple(rows), totals=totals, bottleneck=bottleneck, slowest=slowest,
         unsupported_ops=dict(sorted(mode.unsupported_total.items())), forward_time_s=forward_time,
-        latency_repeats=repeats,
+        latency_repeats=repeats, attribution=SCRIPTED_ATTRIBUTION if scripted else "per module",
     )
 
 

@@ -28,7 +28,8 @@ CONVENTIONS = (
     "other_elementwise_flops (add/sub/mul/div...: 1 per output element; batch norm with running stats: 2 per "
     "element, with batch stats / layer norm / group norm: 4; max/avg pooling: kernel size per output element, "
     "adaptive pooling: 1 per input element; softmax/log_softmax: 5 per element; sum/mean/max/...: 1 per input "
-    "element; var/std/norm: 2). Views, copies, concatenation, padding, indexing and allocation cost 0. "
+    "element; var/std/norm: 2). Fused attention / encoder-layer / LSTM kernels count as their unfused paths "
+    "(attention dense: all Lq x Lk scores even when causal or masked; LSTM: T*B*4H*(I+H) MACs). Views, copies, concatenation, padding, indexing and allocation cost 0. "
     "activation_bytes: bytes of the module's output tensors, summed over calls. latency_s: median exclusive "
     "seconds per module (children excluded); latency_share: its fraction of the sum over rows."
 )
@@ -104,6 +105,8 @@ class Profile:
     latency). ``unsupported_ops``: aten op name -> calls for ops with tensor work but no formula.
     ``forward_time_s``: median seconds of a whole forward pass without hooks. ``input_shape``: the
     example input's shape (a tuple of shapes for several inputs); ``batch_size`` its first dimension.
+    ``attribution``: ``"per module"``, or the reason rows are not attributed (a TorchScript model: all
+    work in the root row, no bottleneck).
     """
 
     model_type: str
@@ -116,6 +119,7 @@ class Profile:
     unsupported_ops: dict[str, int] = field(default_factory=dict)
     forward_time_s: float | None = None
     latency_repeats: int = 0
+    attribution: str = "per module"
 
     # ------------------------------------------------------------------ queries
 
@@ -198,6 +202,7 @@ class Profile:
             "unsupported_ops": dict(self.unsupported_ops),
             "forward_time_s": self.forward_time_s,
             "latency_repeats": self.latency_repeats,
+            "attribution": self.attribution,
             "conventions": CONVENTIONS,
         }
 
@@ -239,6 +244,8 @@ class Profile:
             f"activation {human_count(self.totals.activation_flops / self.batch_size)}, "
             f"other {human_count(self.totals.other_elementwise_flops / self.batch_size)})"
         )
+        if self.attribution != "per module":
+            lines.append(self.attribution)
         if self.bottleneck is not None:
             row = self.layer(self.bottleneck)
             share = row.macs / total_macs if total_macs else 0.0
