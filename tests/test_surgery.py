@@ -293,6 +293,16 @@ class Permuted(nn.Module):
         return self.fc(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2))
 
 
+class BatchPermuted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).permute(1, 0, 2, 3).mean((2, 3)).t())
+
+
 def test_errors_name_the_problem():
     model = create("fashion_cnn").eval()
     with pytest.raises(SurgeryError, match=r"no layer 'conv9'.*layers with units"):
@@ -320,8 +330,10 @@ def test_errors_name_the_problem():
     with pytest.raises(SurgeryError, match=r"view\(\) \(node 'view'\) with the hard-coded size 2304, which surgery"):
         apply(HardCodedView(), {"conv2": [0, 1]}, X28)
     apply(HardCodedView(), {"conv": [0, 1]}, X28)  # the view only sees conv2's channels: fine
-    with pytest.raises(SurgeryError, match=r"\.permute\(\) \(node 'permute'\), which surgery cannot adjust"):
-        apply(Permuted(), {"conv": [0, 1]}, X28)
+    # a channels-last permute is followed (the Linear reads the channels); one that moves the batch dim is not
+    assert apply(Permuted(), {"conv": [0, 1]}, X28).fc.in_features == 2
+    with pytest.raises(SurgeryError, match=r"\.permute\(\) \(node 'permute'\) that moves the batch dim, which surgery"):
+        apply(BatchPermuted(), {"conv": [0, 1]}, X28)
     assert issubclass(SurgeryError, MocoError) and issubclass(SurgeryError, ValueError)
-    groups = {g.layers: g for g in dependency_groups(Permuted(), X28)}
+    groups = {g.layers: g for g in dependency_groups(BatchPermuted(), X28)}
     assert not groups[("conv",)].prunable and "permute" in groups[("conv",)].reason

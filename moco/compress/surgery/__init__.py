@@ -5,7 +5,9 @@ named ``Conv2d`` layers keep only the listed output channels and the named ``Lin
 listed output features, with every dependent layer adjusted: the next conv's input channels,
 BatchNorm (weights and running statistics), a ``Linear`` after ``flatten`` (channel ``c`` is the
 feature group ``c*H*W .. (c+1)*H*W - 1``), depthwise and grouped convs (whole groups), residual adds
-(all members keep the same channels) and ``torch.cat`` along channels. Dependencies are found by
+(all members keep the same channels), ``torch.cat`` along channels, squeeze-excitation gates written
+as ``Linear`` + ``.view(b, c, 1, 1)`` (views and reshapes whose channel size follows the tensor, not a
+hard-coded number) and channels-last blocks (``permute`` + ``LayerNorm`` + ``Linear``). Dependencies are found by
 tracing the model with ``torch.fx`` and propagating shapes with the example input, not by assuming an
 ``nn.Sequential``. The original model is never modified.
 

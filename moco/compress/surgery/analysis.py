@@ -1,10 +1,17 @@
 """Which units of which layers are tied together: trace the model, propagate shapes, follow the channel dim.
 
 Every output unit of a ``Conv2d`` (filter) or ``Linear`` (feature) that the traced forward pass calls
-gets an id. Walking the graph, each tensor with a channel dimension (dim 1) carries a *slot* array:
-the unit id behind each of its channels. Channel-preserving ops (BatchNorm, activations, pooling,
-dropout, spatial reductions) pass slots through; ``flatten`` from ``[N, C, H, W]`` repeats each slot
-``H*W`` times; ``cat`` on dim 1 concatenates them; element-wise ``add``/``mul``/... of same-size tensors
+gets an id. Walking the graph, each tensor with a channel dimension carries a *slot* array: the unit id
+behind each of its channels, and which dim holds them (1 for ``[N, C, H, W]``, the last one after a
+``permute`` to channels-last or a ``Linear`` on ``[..., C]``). Channel-preserving ops (BatchNorm,
+activations, pooling, dropout, spatial reductions, ``expand``) pass slots through; ``permute`` /
+``transpose`` move the channel dim; ``view`` / ``reshape`` / ``flatten`` / ``unsqueeze`` follow the
+channels through the memory order (``flatten`` from ``[N, C, H, W]`` repeats each slot ``H*W`` times,
+``view(b, c, 1, 1)`` of a squeeze-excitation gate maps them one to one) as long as the size at the
+channel position is not a hard-coded number (``x.size(1)``, a size unpacked from ``x.shape`` or ``-1``
+follow the pruned channels; ``view(-1, 1234)`` cannot, and pins them); ``LayerNorm`` over the channels
+of a channels-last tensor is resized (it renormalises over the kept channels);
+``cat`` on the channel dim concatenates them; element-wise ``add``/``mul``/... of same-size tensors
 *ties* the units channel by channel (union-find), as does a depthwise or grouped conv (whole groups).
 Units that reach the model output, meet the model input or a constant, or enter an op this module does
 not understand are *pinned*: they can never be removed, and the reason (naming the op and node) is kept
@@ -214,15 +221,28 @@ class _Walker:
         self.gm = gm
         self.units = _Units()
         self.slots: dict[fx.Node, np.ndarray] = {}
+        self.cdim: dict[fx.Node, int] = {}  # the channel dim of a node with slots (1 when absent)
         self.producers: dict[str, Producer] = {}
         self.calls: list[Call] = []
         self.output_shapes: list[tuple[int, ...]] = []
         self.pin_later: list[tuple[fx.Node, str]] = []
 
     # -- helpers
+    def dim_of(self, node: fx.Node) -> int:
+        """The channel dim of ``node`` (1 unless a permute or a channels-last Linear moved it)."""
+        return self.cdim.get(node, 1)
+
     def channels(self, node: fx.Node) -> int | None:
         shape = _shape(node)
-        return shape[1] if shape is not None and len(shape) >= 2 else None
+        d = self.dim_of(node)
+        return shape[d] if shape is not None and len(shape) >= 2 and d < len(shape) else None
+
+    def assign(self, node: fx.Node, ids: np.ndarray, dim: int = 1) -> None:
+        self.slots[node] = ids
+        if dim != 1:
+            self.cdim[node] = dim
+        else:
+            self.cdim.pop(node, None)
 
     def fresh_pinned(self, node: fx.Node, reason: str) -> None:
         ch = self.channels(node)
@@ -244,39 +264,91 @@ class _Walker:
         if not isinstance(src, fx.Node) or src not in self.slots:
             self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
             return
-        if self.channels(node) != len(self.slots[src]):
+        out, d = _shape(node), self.dim_of(src)
+        if out is None or len(out) != len(_shape(src) or ()) or out[d] != len(self.slots[src]):
             self.opaque(node, "that changes the channel count")
             return
-        self.slots[node] = self.slots[src]
+        self.assign(node, self.slots[src], d)
+
+    def reshaped(self, node: fx.Node, src, sizes=None) -> None:
+        """A view/reshape/flatten/unsqueeze/squeeze: follow the channels through the memory order.
+
+        Each per-sample element of ``src`` belongs to one channel; the output's channel dim is the first
+        dim along which every slice belongs to one channel. ``sizes`` (the literal size arguments of a
+        view/reshape, if any) must not hard-code the size at that position: it changes with pruning.
+        """
+        shape, out = _shape(src), _shape(node)
+        if not isinstance(src, fx.Node) or src not in self.slots:
+            return self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
+        if shape is None or out is None or len(out) < 2 or len(shape) < 2:
+            return self.opaque(node)
+        if out[0] != shape[0]:
+            return self.opaque(node, "that merges the batch and channel dims")
+        d = self.dim_of(src)
+        axes = [len(self.slots[src]) if i == d else 1 for i in range(1, len(shape))]
+        per_element = np.broadcast_to(self.slots[src].reshape(axes), shape[1:]).reshape(out[1:])
+        for cd in range(1, len(out)):
+            blocks = np.moveaxis(per_element, cd - 1, 0).reshape(out[cd], -1)
+            if (blocks == blocks[:, :1]).all():
+                break
+        else:
+            return self.opaque(node, "that mixes channels within one slice")
+        if sizes is not None and len(sizes) == len(out):
+            fixed = sizes[cd]
+            if isinstance(fixed, int) and fixed != -1:
+                return self.opaque(node, f"with the hard-coded size {fixed}",
+                                   "use x.flatten(1), x.view(x.size(0), -1) or sizes unpacked from x.shape, "
+                                   "so the size follows the channels")
+        self.assign(node, np.ascontiguousarray(blocks[:, 0]), cd)
+
+    def permute(self, node: fx.Node, src, dims) -> None:
+        if not isinstance(src, fx.Node) or src not in self.slots:
+            return self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
+        shape = _shape(src)
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = list(dims[0])
+        if shape is None or not all(isinstance(i, int) for i in dims) or len(dims) != len(shape):
+            return self.opaque(node)
+        dims = [i % len(shape) for i in dims]
+        if dims[0] != 0:
+            return self.opaque(node, "that moves the batch dim")
+        self.assign(node, self.slots[src], dims.index(self.dim_of(src)))
+
+    def transpose(self, node: fx.Node, src, a, b) -> None:
+        shape = _shape(src)
+        if shape is None or not isinstance(a, int) or not isinstance(b, int):
+            return self.opaque(node)
+        dims = list(range(len(shape)))
+        a, b = a % len(shape), b % len(shape)
+        dims[a], dims[b] = dims[b], dims[a]
+        self.permute(node, src, dims)
 
     def flatten(self, node: fx.Node, src, start: int, end: int) -> None:
         shape = _shape(src)
         if shape is None or src not in self.slots:
             self.passthrough(node, src)
             return
-        nd = len(shape)
-        start, end = start % nd, end % nd
-        if start >= 2 or end <= start:
-            self.passthrough(node, src)
-        elif start == 1:
-            self.slots[node] = np.repeat(self.slots[src], math.prod(shape[2 : end + 1]))
-            if self.channels(node) != len(self.slots[node]):
-                del self.slots[node]
-                self.opaque(node)
-        else:
-            self.opaque(node, "that merges the batch and channel dims")
+        if start % len(shape) == 0 and end % len(shape) != 0:
+            return self.opaque(node, "that merges the batch and channel dims")
+        self.reshaped(node, src)
 
     def elementwise(self, node: fx.Node, operands: list) -> None:
         out = _shape(node)
         if out is None or len(out) < 2:
             return self.opaque(node) if any(a in self.slots for a in operands if isinstance(a, fx.Node)) else None
-        result = None
+        result, cd = None, None
+        slotted = [a for a in operands if isinstance(a, fx.Node) and a in self.slots and _shape(a) is not None
+                   and len(_shape(a)) == len(out) and _shape(a)[self.dim_of(a)] == out[self.dim_of(a)]]
+        if slotted:
+            cd = self.dim_of(slotted[0])
         for arg in operands:
             shape = _shape(arg)
             if shape is None:
                 continue
             if len(shape) == len(out):
-                if shape[1] != out[1]:
+                if arg in slotted and self.dim_of(arg) != cd:
+                    return self.opaque(node, "on operands whose channels lie in different dims")
+                if shape[cd or 1] != out[cd or 1]:
                     continue  # broadcast along channels (size 1)
                 ids = self.slots.get(arg)
                 if ids is None:
@@ -286,28 +358,32 @@ class _Walker:
                 else:
                     self.units.tie(result, ids, f"{_label(node, self.gm)} (residual add / element-wise op)")
             else:
-                d = 1 - (len(out) - len(shape))
+                d = (cd or 1) - (len(out) - len(shape))
                 if d >= 0 and shape[d] != 1:
                     self.pin_later.append((node, f"they are broadcast with a {tuple(shape)} tensor in "
                                                  f"{_label(node, self.gm)}, which surgery cannot slice"))
         if result is None:
             self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
         else:
-            self.slots[node] = result
+            self.assign(node, result, cd or 1)
 
-    def reduce(self, node: fx.Node, src, dims) -> None:
+    def reduce(self, node: fx.Node, src, dims, keepdim=False) -> None:
         shape = _shape(src)
         if shape is None or src not in self.slots:
             return self.passthrough(node, src)
         if dims is None:
             return self.opaque(node, "that reduces every dim")
         dims = [dims] if isinstance(dims, int) else list(dims)
-        if not all(isinstance(d, int) for d in dims):
+        if not all(isinstance(d, int) for d in dims) or not isinstance(keepdim, bool):
             return self.opaque(node)
         dims = {d % len(shape) for d in dims}
-        if dims & {0, 1}:
+        d = self.dim_of(src)
+        if dims & {0, d}:
             return self.opaque(node, "that reduces the batch or channel dim")
-        self.passthrough(node, src)
+        out_dim = d if keepdim else d - sum(1 for i in dims if i < d)
+        if _shape(node) is None or _shape(node)[out_dim] != len(self.slots[src]):
+            return self.opaque(node)
+        self.assign(node, self.slots[src], out_dim)
 
     def cat(self, node: fx.Node, tensors, dim) -> None:
         out = _shape(node)
@@ -320,38 +396,33 @@ class _Walker:
             if not isinstance(t, fx.Node) or t not in self.slots:
                 return self.opaque(node, "with an operand of unknown channels")
             parts.append(self.slots[t])
-        if dim == 1:
-            self.slots[node] = np.concatenate(parts)
+        cds = {self.dim_of(t) for t in tensors}
+        if len(cds) != 1:
+            return self.opaque(node, "on operands whose channels lie in different dims")
+        cd = cds.pop()
+        if dim == cd:
+            self.assign(node, np.concatenate(parts), cd)
         else:
             for p in parts[1:]:
                 if len(p) != len(parts[0]):
                     return self.opaque(node)
                 self.units.tie(parts[0], p, f"{_label(node, self.gm)} (cat along dim {dim})")
-            self.slots[node] = parts[0]
+            self.assign(node, parts[0], cd)
 
     def softmax(self, node: fx.Node, src, dim) -> None:
         shape = _shape(src)
         if shape is None or src not in self.slots or not isinstance(dim, int):
             return self.opaque(node)
-        if dim % len(shape) == 1:
+        if dim % len(shape) == self.dim_of(src):
             self.units.pin(self.slots[src], f"{_label(node, self.gm)} normalises over them")
         self.passthrough(node, src)
 
     def view(self, node: fx.Node, src, sizes) -> None:
-        shape, out = _shape(src), _shape(node)
-        if shape is None or out is None or src not in self.slots:
-            return self.passthrough(node, src) if src not in self.slots else self.opaque(node)
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = list(sizes[0])
-        if out == shape:
-            return self.passthrough(node, src)
-        if len(out) == 2 and len(shape) >= 2 and out[0] == shape[0]:
-            literal = [s for s in sizes[1:] if isinstance(s, int) and s != -1]
-            if literal:
-                return self.opaque(node, f"with the hard-coded size {literal[0]}",
-                                   "use x.flatten(1) or x.view(x.size(0), -1) so the size follows the channels")
-            return self.flatten(node, src, 1, -1)
-        self.opaque(node)
+        if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and _shape(sizes[0]) is None:
+            sizes = None  # x.view(y.shape) / x.view(y.size()): sizes that follow another tensor
+        self.reshaped(node, src, sizes)
 
     def getitem(self, node: fx.Node, src, index) -> None:
         shape = _shape(src)
@@ -359,11 +430,14 @@ class _Walker:
             return self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
         idx = index if isinstance(index, tuple) else (index,)
         full = slice(None, None, None)
-        if (
-            len(shape) >= 2 and len(idx) >= 1 and idx[0] == full and (len(idx) == 1 or idx[1] == full)
-            and self.channels(node) == shape[1]
-        ):
-            return self.passthrough(node, src)
+        keeps_channels = src in self.slots and self.dim_of(src) == 1 and len(shape) >= 2 and len(idx) >= 1 and (
+            idx[0] == full and (len(idx) == 1 or idx[1] == full)
+        )
+        if keeps_channels and all(i is None for i in idx[2:]):
+            return self.reshaped(node, src)  # x[:, :, None, None] and the like
+        out = _shape(node)
+        if keeps_channels and out is not None and len(out) >= 2 and out[1] == shape[1]:
+            return self.assign(node, self.slots[src], 1)  # spatial slicing / indexing after the channels
         self.opaque(node, "that indexes the channel dim")
 
     # -- modules
@@ -372,12 +446,20 @@ class _Walker:
         src = node.args[0] if node.args else None
         in_shape = _shape(src)
         kind = type(mod)
-        if kind is nn.Conv2d and in_shape is not None and len(in_shape) == 4:
+        d = self.dim_of(src) if isinstance(src, fx.Node) else 1
+        if kind is nn.Conv2d and in_shape is not None and len(in_shape) == 4 and d == 1:
             return self.producer(node, mod, src, "Conv2d")
-        if kind is nn.Linear and in_shape is not None and len(in_shape) == 2:
+        if kind is nn.Linear and in_shape is not None and len(in_shape) >= 2 and (
+            d == len(in_shape) - 1 or src not in self.slots
+        ):
             return self.producer(node, mod, src, "Linear")
+        if kind is nn.LayerNorm and src in self.slots and in_shape is not None and d == len(in_shape) - 1 and tuple(
+            mod.normalized_shape
+        ) == (in_shape[-1],):
+            self.calls.append(Call(node.target, node.name, self.slots[src]))
+            return self.passthrough(node, src)
         if kind in (nn.BatchNorm1d, nn.BatchNorm2d) or (kind is nn.PReLU and mod.num_parameters > 1):
-            if src in self.slots and in_shape is not None and len(in_shape) >= 2:
+            if src in self.slots and in_shape is not None and len(in_shape) >= 2 and d == 1:
                 self.calls.append(Call(node.target, node.name, self.slots[src]))
                 return self.passthrough(node, src)
             return self.opaque(node)
@@ -397,7 +479,7 @@ class _Walker:
         out_ids = self.producers[name].ids
         in_slots = self.slots.get(src)
         if in_slots is None:
-            in_slots = self.units.new(_shape(src)[1])
+            in_slots = self.units.new(_shape(src)[1 if kind == "Conv2d" else -1])
             self.units.pin(in_slots, f"they are tied to the input of {_label(node, self.gm)}")
         groups = getattr(mod, "groups", 1)
         if groups > 1:
@@ -410,7 +492,7 @@ class _Walker:
                 )
                 self.units.tie(members[:-1], members[1:], reason)
         self.calls.append(Call(name, node.name, in_slots, grouped=groups > 1))
-        self.slots[node] = out_ids
+        self.assign(node, out_ids, 1 if kind == "Conv2d" else len(_shape(src)) - 1)
 
     # -- functions and methods
     def function(self, node: fx.Node) -> None:
@@ -424,7 +506,13 @@ class _Walker:
         if t is torch.reshape:
             return self.view(node, a[0], [_arg(node, 1, "shape")])
         if t in _REDUCE_FUNCTIONS:
-            return self.reduce(node, a[0], _arg(node, 1, "dim"))
+            return self.reduce(node, a[0], _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
+        if t is torch.permute:
+            return self.permute(node, a[0], [_arg(node, 1, "dims")])
+        if t is torch.transpose:
+            return self.transpose(node, a[0], _arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
+        if t in (torch.unsqueeze, torch.squeeze):
+            return self.reshaped(node, a[0])
         if t in _CAT_FUNCTIONS:
             return self.cat(node, _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0))
         if t in _SOFTMAX_FUNCTIONS:
@@ -449,8 +537,18 @@ class _Walker:
             return self.flatten(node, a[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         if t in ("view", "reshape"):
             return self.view(node, a[0], list(a[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))])
+        if t in ("view_as", "reshape_as"):
+            return self.reshaped(node, a[0])
+        if t in ("unsqueeze", "squeeze", "unsqueeze_", "squeeze_"):
+            return self.reshaped(node, a[0])
+        if t in ("expand", "expand_as"):
+            return self.passthrough(node, a[0])
+        if t == "permute":
+            return self.permute(node, a[0], list(a[1:]) or [node.kwargs.get("dims")])
+        if t == "transpose":
+            return self.transpose(node, a[0], _arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
         if t in _REDUCE_METHODS:
-            return self.reduce(node, a[0], _arg(node, 1, "dim"))
+            return self.reduce(node, a[0], _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
         if t in ("softmax", "log_softmax"):
             return self.softmax(node, a[0], _arg(node, 1, "dim"))
         self.opaque(node)

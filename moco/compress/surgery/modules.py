@@ -1,7 +1,7 @@
 """Constructor arguments of the modules surgery resizes, and their sliced, smaller copies.
 
 Only exact ``torch.nn`` types are handled here (a subclass may have its own ``forward``): ``Conv2d``,
-``Linear``, ``BatchNorm1d``/``BatchNorm2d`` and ``PReLU``; plus the parameter-free layers a plain
+``Linear``, ``BatchNorm1d``/``BatchNorm2d``, ``LayerNorm`` (over the last dim) and ``PReLU``; plus the parameter-free layers a plain
 ``nn.Sequential`` is usually built from, so that such a model can be described in JSON entirely.
 """
 
@@ -26,6 +26,7 @@ SIZED_TYPES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
     "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
     "PReLU": (nn.PReLU, ("num_parameters",)),
+    "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
 }
 
 # Parameter-free modules that can be rebuilt from their attributes (used to describe a whole Sequential).
@@ -78,7 +79,7 @@ def describe_module(module: nn.Module, *, plain: bool = False) -> dict | None:
     for name, (cls, attrs) in table.items():
         if type(module) is cls:
             kwargs = {a: _jsonable(getattr(module, a)) for a in attrs}
-            if cls in (nn.Conv2d, nn.Linear):
+            if cls in (nn.Conv2d, nn.Linear, nn.LayerNorm):
                 kwargs["bias"] = module.bias is not None
             if cls is nn.Flatten:
                 kwargs = {"start_dim": module.start_dim, "end_dim": module.end_dim}
@@ -122,7 +123,7 @@ def resized_module(
 
     Conv2d: ``out_idx`` selects filters; ``in_idx`` selects input channels of an ungrouped conv; for a
     grouped conv (``groups`` = the new group count) whole groups are kept, so only filters are selected.
-    Linear: rows ``out_idx``, columns ``in_idx``. BatchNorm / PReLU: ``out_idx`` selects the channels
+    Linear: rows ``out_idx``, columns ``in_idx``. BatchNorm / LayerNorm / PReLU: ``out_idx`` selects the channels
     (weights, bias and running statistics). The result is on the same device and dtype, same training flag.
     """
     kind = describe_module(module)
@@ -148,6 +149,13 @@ def resized_module(
         new = nn.Linear(**kwargs, **factory)
         new.weight = _param(module.weight, w)
         new.bias = _param(module.bias, _select(module.bias, 0, out_idx))
+    elif isinstance(module, nn.LayerNorm):
+        size = module.normalized_shape[-1] if out_idx is None else int(out_idx.numel())
+        kwargs["normalized_shape"] = (size,)
+        new = nn.LayerNorm(**kwargs, **factory)
+        if module.elementwise_affine:
+            new.weight = _param(module.weight, _select(module.weight, 0, out_idx))
+            new.bias = _param(module.bias, _select(module.bias, 0, out_idx))
     elif isinstance(module, nn.PReLU):
         w = _select(module.weight, 0, out_idx)
         new = nn.PReLU(num_parameters=int(w.shape[0]), **factory)
