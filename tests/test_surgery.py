@@ -337,3 +337,39 @@ def test_errors_name_the_problem():
     assert issubclass(SurgeryError, MocoError) and issubclass(SurgeryError, ValueError)
     groups = {g.layers: g for g in dependency_groups(BatchPermuted(), X28)}
     assert not groups[("conv",)].prunable and "permute" in groups[("conv",)].reason
+
+
+def _tampered(tmp_path, edit):
+    """Save a small pruned vgg with a zoo-free tree, apply ``edit(desc_dict, pt_path)``, return the stem."""
+    import json
+
+    small = apply(_seeded(vgg()), {"0": [0, 2, 4]}, X28)
+    save(small, tmp_path / "m")
+    jpath = tmp_path / "m.json"
+    desc = json.loads(jpath.read_text())
+    edit(desc, tmp_path / "m.pt")
+    jpath.write_text(json.dumps(desc))
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d, pt: d.pop("weights"), r"m\.json is damaged: key 'weights'"),
+    (lambda d, pt: d.update(weights=7), r"key 'weights'.*not a string"),
+    (lambda d, pt: d.update(modules=[1, 2]), r"'modules' must be a dict"),
+    (lambda d, pt: d["modules"].update({"0": "Conv2d"}), r"module entry '0' must be"),
+    (lambda d, pt: d.update(arch=["resnet18"]), r"'arch' must be \{'name': str"),
+    (lambda d, pt: d.update(arch={"kwargs": {}}), r"'arch' must be \{'name': str"),
+    (lambda d, pt: d.update(arch={"name": "resnet18", "kwargs": {"bogus": 1}}), r"arch .* does not build"),
+    (lambda d, pt: d["tree"]["children"][0].pop("name"), r"'tree' is malformed"),
+    (lambda d, pt: d["modules"]["0"]["kwargs"].update(out_channels=-3), r"module '0'"),
+    (lambda d, pt: d.update(training="yes"), r"'training' must be true or false"),
+    (lambda d, pt: pt.write_bytes(pt.read_bytes()[: len(pt.read_bytes()) // 2]), r"cannot read weights .*m\.pt.*re-save"),
+    (lambda d, pt: pt.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))),
+     r"cannot read weights .*m\.pt.*re-save"),
+    (lambda d, pt: torch.save([torch.zeros(2)], pt), r"does not hold a state_dict of tensors"),
+    (lambda d, pt: torch.save({"0.weight": torch.zeros(2)}, pt), r"do not fit the rebuilt model"),
+])
+def test_load_tampered_files_raise_clear_errors(tmp_path, edit, match):
+    stem = _tampered(tmp_path, edit)
+    with pytest.raises(SurgeryError, match=match):
+        load(stem)

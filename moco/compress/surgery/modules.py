@@ -95,7 +95,7 @@ def build_module(spec: dict) -> nn.Module:
     kwargs = {k: _from_json(v) for k, v in spec["kwargs"].items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise SurgeryError(f"cannot rebuild {spec['type']} from {spec['kwargs']}: {err}") from err
 
 

@@ -124,6 +124,50 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: dict | str | None =
     return write_json_atomic(stem.with_name(stem.name + ".json"), desc)
 
 
+_FIX = "re-save the model with moco.compress.surgery.save (the file was edited, truncated or not written by moco)"
+
+
+def _bad(jpath: Path, what: str) -> SurgeryError:
+    return SurgeryError(f"{jpath} is damaged: {what}; {_FIX}")
+
+
+def _zoo_spec(value, jpath: Path, key: str) -> dict:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not isinstance(
+        value.get("kwargs", {}), dict
+    ):
+        raise _bad(jpath, f"{key!r} must be {{'name': str, 'kwargs': dict}}, got {value!r:.200}")
+    return value
+
+
+def _checked(desc: dict, jpath: Path) -> dict:
+    """``desc`` after checking every key :func:`load` reads has the type :func:`save` writes."""
+    if not isinstance(desc.get("weights"), str) or not desc["weights"]:
+        raise _bad(jpath, "key 'weights' (the name of the .pt file) is missing or not a string")
+    if not isinstance(desc.get("modules", {}), dict):
+        raise _bad(jpath, f"'modules' must be a dict {{name: {{'type', 'kwargs'}}}}, got {type(desc['modules']).__name__}")
+    for name, spec in desc.get("modules", {}).items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or not isinstance(spec.get("kwargs"), dict):
+            raise _bad(jpath, f"module entry {name!r} must be {{'type': str, 'kwargs': dict}}, got {spec!r:.200}")
+    if desc.get("arch") is not None:
+        _zoo_spec(desc["arch"], jpath, "arch")
+    if desc.get("tree") is not None and not isinstance(desc["tree"], dict):
+        raise _bad(jpath, f"'tree' must be a dict, got {type(desc['tree']).__name__}")
+    if not isinstance(desc.get("model_class", ""), str):
+        raise _bad(jpath, "'model_class' must be a string")
+    if not isinstance(desc.get("training", False), bool):
+        raise _bad(jpath, "'training' must be true or false")
+    return desc
+
+
+def _build_tree_checked(tree: dict, jpath: Path) -> nn.Module:
+    try:
+        return _build_tree(tree)
+    except SurgeryError as err:
+        raise _bad(jpath, f"its 'tree' cannot be rebuilt ({err})") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise _bad(jpath, f"its 'tree' is malformed ({type(err).__name__}: {err})") from None
+
+
 def _base_model(desc: dict, base, jpath: Path) -> nn.Module:
     from moco.models import create
 
@@ -133,13 +177,18 @@ def _base_model(desc: dict, base, jpath: Path) -> nn.Module:
         arch = desc.get("arch") or {}
         return create(base, **(arch.get("kwargs", {}) if arch.get("name") == base else {}))
     if isinstance(base, dict):
+        if not isinstance(base.get("name"), str) or not isinstance(base.get("kwargs", {}), dict):
+            raise TypeError(f"base must be {{'name': str, 'kwargs': dict}}, got {base!r}")
         return create(base["name"], **base.get("kwargs", {}))
     if base is not None:
         raise TypeError(f"base must be an nn.Module, a zoo name or {{'name', 'kwargs'}}, got {type(base).__name__}")
     if desc.get("arch"):
-        return create(desc["arch"]["name"], **desc["arch"].get("kwargs", {}))
+        try:
+            return create(desc["arch"]["name"], **desc["arch"].get("kwargs", {}))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise _bad(jpath, f"its arch {desc['arch']} does not build ({type(err).__name__}: {err})") from None
     if desc.get("tree"):
-        return _build_tree(desc["tree"])
+        return _build_tree_checked(desc["tree"], jpath)
     raise SurgeryError(
         f"{jpath} records no zoo architecture for {desc.get('model_class')}; pass base= the original model "
         f"(or save with arch={{'name': ..., 'kwargs': ...}})"
@@ -152,13 +201,17 @@ def load(path: str | os.PathLike, base: nn.Module | str | dict | None = None) ->
     ``base`` is the original (unpruned) model or its zoo name/spec; it is copied, never modified. It may be
     omitted when the JSON records a zoo spec or describes a plain ``nn.Sequential`` entirely. Weights load
     on the CPU with ``weights_only=True``; the model gets the saved training flag.
+
+    A damaged pair of files (keys missing or of the wrong type, an ``arch`` that is not a zoo spec, a
+    truncated or foreign ``.pt``, weights that do not fit) raises :class:`SurgeryError` naming the file
+    and the fix, never a ``KeyError`` or a deep torch traceback.
     """
     stem = _stem(path)
     jpath = stem.with_name(stem.name + ".json")
     if not jpath.is_file():
         raise SurgeryError(f"no surgery description {jpath}; save the model with moco.compress.surgery.save first")
-    desc = read_json_document(jpath, format=FORMAT, what=f"{FORMAT} description", error=SurgeryError)
-    wpath = jpath.with_name(str(desc.get("weights", "")))
+    desc = _checked(read_json_document(jpath, format=FORMAT, what=f"{FORMAT} description", error=SurgeryError), jpath)
+    wpath = jpath.with_name(desc["weights"])
     if not wpath.is_file():
         raise SurgeryError(f"weights file {wpath} named by {jpath} does not exist")
     model = _base_model(desc, base, jpath)
@@ -178,15 +231,24 @@ def load(path: str | os.PathLike, base: nn.Module | str | dict | None = None) ->
             raise SurgeryError(
                 f"module {name!r} is a {type(old).__name__} in the base model but {spec.get('type')} in {jpath}"
             )
-        new = build_module(spec)
+        try:
+            new = build_module(spec)
+        except SurgeryError as err:
+            raise _bad(jpath, f"module {name!r}: {err}") from None
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     try:
         state = torch.load(wpath, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SurgeryError(f"cannot read weights {wpath}: {type(err).__name__}: {err}") from err
-    if not isinstance(state, dict):
-        raise SurgeryError(f"{wpath} does not hold a state_dict")
+    except Exception as err:  # truncated zip, random bytes, a pickle with non-tensor objects, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SurgeryError(
+            f"cannot read weights {wpath} ({type(err).__name__}: {first}); the file is truncated, corrupt or not "
+            f"written by moco.compress.surgery.save: re-save the model"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise SurgeryError(f"{wpath} does not hold a state_dict of tensors; {_FIX}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -194,5 +256,3 @@ def load(path: str | os.PathLike, base: nn.Module | str | dict | None = None) ->
         raise SurgeryError(f"weights {wpath} do not fit the rebuilt model: {' '.join(first[:3])[:500]}") from None
     model.train(bool(desc.get("training", False)))
     return model
-
-
