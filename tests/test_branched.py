@@ -189,10 +189,13 @@ def test_unsplittable_layer_and_bad_rules(seed_cnn):
     bad_class = BranchedNetwork(seed_cnn, 2, ThresholdRule(SEED_D, -math.inf, cls=12))
     with pytest.raises(MocoError, match="outside 0..9"), torch.no_grad():
         bad_class(torch.zeros(2, 1, 28, 28))
-    # a rule may know fewer classes than the model outputs (its data never showed the top ones), not more
-    wrong_width = BranchedNetwork(seed_cnn, 2, ThresholdRule(SEED_D, math.inf, num_classes=12))
-    with pytest.raises(MocoError, match="rule.num_classes = 12"), torch.no_grad():
-        wrong_width(torch.zeros(2, 1, 28, 28))
+    # a rule may know fewer classes than the model outputs (its data never showed the top ones), not more:
+    # refused when the network is built (issue 12), from the last Linear or from example_input
+    with pytest.raises(MocoError, match="only 10 outputs"):
+        BranchedNetwork(seed_cnn, 2, ThresholdRule(SEED_D, math.inf, num_classes=12))
+    with pytest.raises(MocoError, match="only 10 outputs"):
+        BranchedNetwork(seed_cnn, 2, ThresholdRule(SEED_D, math.inf, num_classes=12),
+                        example_input=torch.zeros(1, 1, 28, 28))
 
 
 # ---------------------------------------------------------------------------- costs
@@ -297,3 +300,34 @@ def test_suggest_layer_named_candidates_resnet():
     assert default.bottleneck == "layer4.0.conv2"
     assert [row.layer for row in default.table] == ["stem.0", "stem.1", "stem", "layer1", "layer2", "layer3"]
     assert default.best.layer == "stem.0"  # ties (same head MACs and coverage) go to the earliest
+
+
+def test_pooling_matches_capture_processors(seed_cnn, x):
+    """A rule fitted on max-pooled features at a layer is usable with pooling="max" (issue 12 item 6)."""
+    from moco.capture import SpatialPool, capture
+
+    pooled = capture(seed_cnn, x, ["1"], processor=SpatialPool("max"), progress=False)["1"]
+    assert pooled.shape == (len(x), 32)
+    threshold = float(np.median(pooled[:, 0]))
+    rule = ThresholdRule(32, threshold)
+    for pooling in ("max", SpatialPool("max")):
+        net = BranchedNetwork(seed_cnn, 2, rule, pooling=pooling)
+        with torch.no_grad():
+            _, mask = net(x)
+        assert torch.equal(mask, torch.from_numpy(pooled[:, 0] > threshold))
+    with pytest.raises(MocoError, match="after SpatialPool"):
+        BranchedNetwork(seed_cnn, 2, ThresholdRule(SEED_D, 0.0), pooling="avg")(x[:2])
+    with pytest.raises(MocoError, match="pooling must be"):
+        BranchedNetwork(seed_cnn, 2, rule, pooling="median")
+
+
+def test_forward_rejects_bad_inputs(seed_cnn):
+    net = BranchedNetwork(seed_cnn, 2, ThresholdRule(SEED_D, 0.0))
+    with pytest.raises(TypeError, match="dtype torch.uint8"):
+        net(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(MocoError, match="NaN"):
+        net(torch.full((2, 1, 28, 28), float("nan")))
+    with pytest.raises(MocoError, match=r"reject an input of shape \(2, 3, 28, 28\)"):
+        net(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        net(np.zeros((2, 1, 28, 28), dtype=np.float32))

@@ -392,3 +392,51 @@ def test_benchmarks_are_registered():
     names = dict(list_benchmarks())
     for name in ("exits-fashion", "exits-mnist-retrofit"):
         assert name in BENCHMARK_MODULES and not names[name].startswith("(cannot be loaded")
+
+
+def test_forward_rejects_wrong_dtype_and_shape():
+    _, net = net_for()
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        net(torch.zeros(2, 1, 8, 8, dtype=torch.long))
+    with pytest.raises(MocoError, match=r"per-sample shape \(1, 9, 8\).*\(1, 8, 8\)"):
+        net(torch.zeros(2, 1, 9, 8))
+    with pytest.raises(MocoError, match="per-sample shape"):
+        net.forward_all(torch.zeros(2, 3, 8, 8))
+
+
+def test_tampered_or_truncated_exits_artifacts_are_refused(tmp_path):
+    import json
+
+    model, net = net_for()
+    net.thresholds = [0.5, None]
+    json_path, npz_path = save_exits(net, tmp_path / "e")
+    meta = json.loads(json_path.read_text())
+    assert len(meta["weights_sha256"]) == 64
+    good_npz = npz_path.read_bytes()
+
+    def broken(**change):
+        doc = {k: v for k, v in meta.items() if change.get(k, 0) is not None}
+        doc.update({k: v for k, v in change.items() if v is not None})
+        json_path.write_text(json.dumps(doc))
+        return pytest.raises(MocoError, match=r"e\.json")
+
+    with broken(points=None):  # missing key
+        load_exits(model, tmp_path / "e")
+    with broken(thresholds="0.5"):  # wrong type
+        load_exits(model, tmp_path / "e")
+    with broken(thresholds=[float("nan"), None]):
+        load_exits(model, tmp_path / "e")
+    with broken(thresholds=[1e300, None]):
+        load_exits(model, tmp_path / "e")
+    with broken(input_shape=[1, -8, 8]):
+        load_exits(model, tmp_path / "e")
+    json_path.write_text(json.dumps(meta))
+    npz_path.write_bytes(good_npz[: len(good_npz) // 2])  # truncated
+    with pytest.raises(MocoError, match=r"e\.npz.*checksum"):
+        load_exits(model, tmp_path / "e")
+    json_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "weights_sha256"}))
+    with pytest.raises(MocoError, match=r"e\.npz.*truncated or damaged"):  # BadZipFile, named
+        load_exits(model, tmp_path / "e")
+    npz_path.write_bytes(good_npz)
+    json_path.write_text(json.dumps(meta))
+    assert load_exits(model, tmp_path / "e").thresholds == (0.5, None)

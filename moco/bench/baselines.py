@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -160,49 +158,20 @@ class _ChannelsLast:
 
 
 class _OnnxRuntime:
-    """An onnxruntime session fed with numpy copies of the batches; outputs come back as tensors."""
+    """A :func:`moco.deploy.load` runtime fed with the batches; outputs come back as tensors."""
 
-    def __init__(self, session, input_name: str):
-        self.session = session
-        self.input_name = input_name
+    def __init__(self, runtime):
+        self.runtime = runtime
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().cpu().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-
-
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
-    """Export ``model`` to ``path`` with a dynamic batch axis; returns which exporter worked.
-
-    The TorchScript exporter (``dynamo=False``) is tried first: it handles plain CNNs in a fraction of a
-    second, needs no onnxscript and prints nothing. When it fails (or is gone in a later torch), the
-    ``torch.export``-based exporter (the default since torch 2.9, needs onnxscript) is used.
-    """
-    errors = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            )
-            return "torchscript (dynamo=False)"
-        except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the other one
-            errors.append(f"torchscript exporter: {_one_line(exc)}")
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(
-                    model, (example,), str(path), dynamo=True, input_names=["input"], output_names=["output"],
-                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
-                )
-            return "torch.export (dynamo=True)"
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"dynamo exporter: {_one_line(exc)}")
-    raise RuntimeError("; ".join(errors))
+        return torch.from_numpy(self.runtime(x))
 
 
 def _onnxruntime_variant(model: nn.Module, example: torch.Tensor, workdir: str | Path | None) -> tuple[_OnnxRuntime, str]:
+    """The model exported by :func:`moco.deploy.export` (one graph, dynamic batch) and loaded by :func:`moco.deploy.load`."""
     import onnxruntime as ort
+
+    from moco.deploy import export, load
 
     with contextlib.ExitStack() as stack:
         if workdir is None:
@@ -211,21 +180,15 @@ def _onnxruntime_variant(model: nn.Module, example: torch.Tensor, workdir: str |
             folder = Path(workdir)
             folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{type(model).__name__.lower()}-baseline.onnx"
-        t0 = time.perf_counter()
-        exporter = _export_onnx(model, example, path)
-        seconds = time.perf_counter() - t0
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        result = export(model, path, example)
+        threads = torch.get_num_threads()
+        runtime = load(path, intra_op_num_threads=threads)
         where = f"kept at {path}" if workdir is not None else "in a temporary folder, removed after loading"
     note = (
-        f"exported with the {exporter} exporter in {seconds:.1f} s ({where}); onnxruntime {ort.__version__}, "
-        f"CPUExecutionProvider, {options.intra_op_num_threads} intra-op thread(s)"
+        f"exported by moco.deploy.export ({result.exporter}) in {result.seconds:.1f} s ({where}); onnxruntime "
+        f"{ort.__version__}, CPUExecutionProvider, {threads} intra-op thread(s)"
     )
-    return _OnnxRuntime(session, session.get_inputs()[0].name), note
+    return _OnnxRuntime(runtime), note
 
 
 def _agreement(fn: Callable[[torch.Tensor], Any], batches: list[torch.Tensor],

@@ -204,12 +204,18 @@ def _macs(module: nn.Module, x: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------- network
 
 
-def _check_input(x: Any) -> torch.Tensor:
+def _check_input(x: Any, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A floating batch ``[B, *input_shape]`` without NaN or inf, else TypeError / MocoError naming the problem."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor batch [B, ...], not {type(x).__name__}")
     if x.dim() == 0:
         raise MocoError("input is a 0-d tensor; pass a batch with a leading batch dimension")
-    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+    if not x.is_floating_point():
+        raise TypeError(f"input has dtype {x.dtype}; pass floating-point inputs (e.g. x.float(), normalised as in training)")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise MocoError(f"input has per-sample shape {tuple(x.shape[1:])}, the network expects {tuple(input_shape)} "
+                        f"(a batch [B, {', '.join(map(str, input_shape))}])")
+    if x.numel() and not bool(torch.isfinite(x).all()):
         raise MocoError("the input contains NaN or inf; clean or normalise the data first")
     return x
 
@@ -284,7 +290,7 @@ class EarlyExitNetwork(nn.Module):
         Only samples that have not exited reach later segments and heads; disabled exits cost
         nothing. ``B = 0`` gives empty outputs.
         """
-        x = _check_input(x)
+        x = _check_input(x, self.input_shape)
         batch = x.shape[0]
         last = len(self.segments) - 1
         exit_index = torch.full((batch,), last, dtype=torch.int64, device=x.device)
@@ -326,14 +332,14 @@ class EarlyExitNetwork(nn.Module):
 
     def forward_final(self, x: torch.Tensor) -> torch.Tensor:
         """Exits disabled: the backbone alone (the same ops as ``model(x)``), logits ``[B, C]``."""
-        h = _check_input(x)
+        h = _check_input(x, self.input_shape)
         for segment in self.segments:
             h = segment(h)
         return h
 
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit on every sample (training, calibration): ``K`` logits tensors ``[B, C]``, final last."""
-        h = _check_input(x)
+        h = _check_input(x, self.input_shape)
         outs = []
         last = len(self.segments) - 1
         for i, segment in enumerate(self.segments):
@@ -343,7 +349,7 @@ class EarlyExitNetwork(nn.Module):
 
     def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Backbone activations at every exit point (``K - 1`` tensors) and the final logits (last)."""
-        h = _check_input(x)
+        h = _check_input(x, self.input_shape)
         outs = []
         for segment in self.segments:
             h = segment(h)

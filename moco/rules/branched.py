@@ -124,6 +124,62 @@ def _assign(rule: Any, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mask, classes.long()
 
 
+def _last_line(exc: BaseException) -> str:
+    lines = [t.strip() for t in str(exc).strip().splitlines() if t.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _check_input(x: Any) -> torch.Tensor:
+    """A floating batch tensor without NaN or inf, else TypeError / MocoError naming the problem."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor batch [B, ...], not {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"input has dtype {x.dtype}; pass floating-point inputs (e.g. x.float(), normalised as in training)")
+    if x.dim() == 0:
+        raise MocoError("input is a 0-d tensor; pass a batch with a leading batch dimension")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise MocoError("the input contains NaN or inf; clean or normalise the data first")
+    return x
+
+
+POOLINGS = (None, "flatten", "max", "avg")
+"""Values of ``BranchedNetwork(pooling=...)`` besides a processor instance (as in :func:`moco.capture.capture`)."""
+
+
+def _pooling(pooling: Any):
+    """The processor for ``pooling``: None (flatten), ``"max"``/``"avg"`` (:class:`moco.capture.SpatialPool`)
+    or a processor instance (``Flatten()``, ``SpatialPool(kind)``, any callable ``[B, ...] -> [B, ...]``)."""
+    from moco.capture import Flatten, SpatialPool
+
+    if pooling is None or pooling == "flatten" or isinstance(pooling, Flatten):
+        return None
+    if pooling in ("max", "avg"):
+        return SpatialPool(pooling)
+    if callable(pooling) and not isinstance(pooling, str):
+        return pooling
+    raise MocoError(f"pooling must be one of {POOLINGS[1:]}, None, or a processor such as SpatialPool('max'); "
+                    f"got {pooling!r}")
+
+
+def _output_width(model: nn.Module, example_input: torch.Tensor | None) -> int | None:
+    """The model's output width: from ``example_input`` when given, else the last ``nn.Linear``'s out_features."""
+    if example_input is not None:
+        with _eval_restored(model):
+            out = model(example_input[:1])
+        return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else None
+
+
+def _check_rule_classes(model: nn.Module, rule: Any, example_input: torch.Tensor | None) -> None:
+    width = _output_width(model, example_input)
+    classes = getattr(rule, "classes", None)
+    top = max(int(c) for c in classes) if classes else int(rule.num_classes) - 1
+    if width is not None and top >= width:
+        raise MocoError(f"the rule assigns class {top}, but the model has only {width} outputs (classes 0..{width - 1}); "
+                        "fit the rule on this model's predictions")
+
+
 @contextlib.contextmanager
 def _eval_restored(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad inside; every module's ``training`` flag restored afterwards."""
@@ -164,6 +220,11 @@ class BranchedNetwork(nn.Module):
             class for every row. The one-hot rows are not scores: do not softmax them as logits.
             ``"classes"``: predictions are int64 class indices ``[B]`` (the rule's class for exited
             samples, the argmax of the model's output for the others).
+        pooling: how the head output becomes the rule's features, as in :func:`moco.capture.capture`:
+            None or ``"flatten"`` (default, ``[B, C*H*W]``), ``"max"`` / ``"avg"`` (spatial pooling,
+            ``[B, C]``: a rule fitted on ``SpatialPool`` features) or a processor instance.
+        example_input: optional batch; when given, the model's output width is measured on it (else
+            it is taken from the model's last ``nn.Linear``) to refuse a rule whose classes exceed it.
 
     Eval only: the network is meant for inference. ``net.eval()`` / ``net.train()`` switch the
     model's own submodules (shared with head and tail); the wrapper adds no state of its own, and
@@ -178,16 +239,19 @@ class BranchedNetwork(nn.Module):
         TypeError: ``model`` is not an ``nn.Module``, ``layer`` neither int nor str, or ``rule``
             lacks ``assign`` / ``num_classes`` / ``n_features``.
         MocoError: the model cannot be split at ``layer``; ``rule.layer`` names a different layer;
-            an unknown ``output``. At the first forward: the head output has a different number of
+            an unknown ``output`` or ``pooling``; a rule class beyond the model's outputs. At forward:
+            NaN/inf input or one the head rejects (TypeError for a non-float input). At the first forward: the head output has a different number of
             features than ``rule.n_features``, or the model output width differs from
             ``rule.num_classes``.
     """
 
-    def __init__(self, model: nn.Module, layer: int | str | None = None, rule: Any = None, *, output: str = "onehot"):
+    def __init__(self, model: nn.Module, layer: int | str | None = None, rule: Any = None, *, output: str = "onehot",
+                 pooling: Any = None, example_input: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         _check_rule(rule)
+        processor = _pooling(pooling)
         if output not in OUTPUTS:
             raise MocoError(f"output must be one of {', '.join(repr(o) for o in OUTPUTS)}, got {output!r}")
         rule_layer = getattr(rule, "layer", None)
@@ -207,10 +271,51 @@ class BranchedNetwork(nn.Module):
         self.layer = layer
         self.point = split.point
         self.output = output
+        self.pooling = processor
         self.training = model.training
+        _check_rule_classes(model, rule, example_input)
 
     def extra_repr(self) -> str:
-        return f"layer={_layer_label(self.layer)}, rule={type(self.rule).__name__}, output={self.output!r}"
+        pooling = "" if self.pooling is None else f", pooling={self.pooling!r}"
+        return f"layer={_layer_label(self.layer)}, rule={type(self.rule).__name__}, output={self.output!r}{pooling}"
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rule's input: the head output, pooled (``pooling``) and flattened to float32 ``[B, D]``."""
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+            got = f"shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise MocoError(f"the head up to layer {_layer_label(self.layer)} must return a [B, ...] tensor, got {got}")
+        pooled = hidden if self.pooling is None else self.pooling(hidden)
+        features = pooled.reshape(pooled.shape[0], math.prod(pooled.shape[1:]))
+        n_features = int(self.rule.n_features)
+        if features.shape[1] != n_features:
+            how = "" if self.pooling is None else f" after {self.pooling!r}"
+            raise MocoError(
+                f"rule expects {n_features} features but layer {_layer_label(self.layer)} gives {features.shape[1]}"
+                f"{how} (shape {tuple(hidden.shape[1:])} per sample); fit the rule on this layer's output"
+                + ("" if self.pooling is not None else " (or pass the pooling it was captured with)")
+            )
+        return features if features.dtype == torch.float32 else features.float()
+
+    def decide(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rule's ``(mask [B] bool, classes [B] int64)`` for a head output ``hidden``."""
+        return _assign(self.rule, self.features(hidden))
+
+    def decision_margin(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Per sample, the smallest relative distance ``|score - t| / (1 + |t|)`` of a rule score to its
+        threshold (how far the decision is from flipping), or None for a rule without ``scores`` and
+        ``thresholds`` (a duck-typed rule)."""
+        scores = getattr(self.rule, "scores", None)
+        thresholds = getattr(self.rule, "thresholds", None)
+        classes = getattr(self.rule, "classes", None)
+        if not callable(scores) or not isinstance(thresholds, dict) or classes is None:
+            return None
+        s = scores(self.features(hidden)).double()
+        t = torch.tensor([float(thresholds.get(c, math.inf)) for c in classes], dtype=torch.float64)
+        finite = torch.isfinite(t)
+        if not bool(finite.any()):
+            return torch.full((s.shape[0],), math.inf, dtype=torch.float64)
+        rel = (s[:, finite] - t[finite]).abs() / (1.0 + t[finite].abs())
+        return rel.min(dim=1).values
 
     def _fallback_dtype(self, hidden: torch.Tensor) -> torch.dtype:
         """The output dtype when the tail does not run: its first floating parameter's, else the head output's."""
@@ -227,22 +332,15 @@ class BranchedNetwork(nn.Module):
             (``output="onehot"``) or int64 ``[B]`` (``output="classes"``); ``mask`` the rule's bool
             mask ``[B]``, True where the sample exited after the head. ``B = 0`` gives empty results.
         """
-        hidden = self.head(x)
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
-            got = f"shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise MocoError(f"the head up to layer {_layer_label(self.layer)} must return a [B, ...] tensor, got {got}")
+        x = _check_input(x)
+        try:
+            hidden = self.head(x)
+        except (RuntimeError, TypeError) as exc:
+            raise MocoError(f"the model's layers up to {_layer_label(self.layer)} reject an input of shape "
+                            f"{tuple(x.shape)} and dtype {x.dtype}: {_last_line(exc)}; pass the batch the model "
+                            "was trained on") from None
+        mask, classes = self.decide(hidden)
         b = hidden.shape[0]
-        d = math.prod(hidden.shape[1:])
-        n_features = int(self.rule.n_features)
-        if d != n_features:
-            raise MocoError(
-                f"rule expects {n_features} features but layer {_layer_label(self.layer)} gives {d} "
-                f"(shape {tuple(hidden.shape[1:])} per sample); fit the rule on this layer's output"
-            )
-        features = hidden.reshape(b, d)
-        if features.dtype != torch.float32:
-            features = features.float()
-        mask, classes = _assign(self.rule, features)
         mask = mask.to(hidden.device)
         classes = classes.to(hidden.device)
         num_classes = int(self.rule.num_classes)

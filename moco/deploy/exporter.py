@@ -1,0 +1,609 @@
+"""``export(obj, path, example_input, *, int8=None)``: every moco result as ONNX graphs, checked before it is returned.
+
+What is exported:
+
+* a plain model (the original, a pruned or PFA model): one graph ``input -> logits`` with a dynamic
+  batch axis. A path ending in ``.onnx`` is that one file; any other path is a folder with the graph
+  and ``manifest.json`` (and the int8 graph beside the FP32 one);
+* a :class:`moco.rules.branched.BranchedNetwork`: a folder with ``head.onnx`` (``input -> hidden,
+  mask, classes``: the head, the network's pooling and the rule's decision in one graph) and
+  ``tail.onnx`` (``hidden -> logits``);
+* a :class:`moco.exits.EarlyExitNetwork`: a folder with ``segment{i}.onnx`` per segment
+  (``h -> h_next, logits, score``: the backbone segment, its exit head and the criterion's score;
+  only ``h_next`` for a disabled exit; the last one ``h -> logits``) and the thresholds, criterion
+  direction and order in the manifest.
+
+Check: the runtime (:func:`moco.deploy.load`) is run on ``example_input`` and on ``check`` (real data)
+and compared with the PyTorch object: argmax agreement must be 100% on FP32, and exit decisions must be
+identical except where the PyTorch score lies within ``tolerance`` of the threshold (such flips are
+counted and reported). Anything else raises :class:`moco.errors.MocoError` and leaves no artifact.
+
+int8: ``int8=`` calibration inputs (``x`` or ``(x, y)``) turn on post-training static quantization
+with ONNX Runtime's own tools (``onnxruntime.quantization.quantize_static``: QDQ format, per-channel
+int8 weights, uint8 activations, MinMax calibration on those inputs) for every graph; each graph is
+calibrated on the inputs it really sees (the FP32 upstream graphs run on the calibration inputs).
+The rule decision of a branched network stays FP32 (its thresholds were certified on FP32 scores).
+The int8 agreement with FP32 and PyTorch and, with labels, the accuracy are reported. For exits, where
+int8 changes exit decisions on labelled calibration inputs, the certified bound is checked again there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from moco.deploy.runtime import MANIFEST, FORMAT, VERSION, file_sha256, load
+from moco.errors import MocoError
+from moco.io import write_json_atomic
+
+__all__ = ["Check", "ExportResult", "export", "export_onnx"]
+
+TOLERANCE = 1e-4
+"""Default relative tolerance of a score near its threshold: ``|score - t| <= tol * (1 + |t|)``."""
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")
+    out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *,
+                output_names: Sequence[str] = ("output",)) -> str:
+    """Export ``module`` (one input, batch axis dynamic on the input and every output); returns the exporter used.
+
+    The TorchScript exporter (``dynamo=False``) is tried first: it handles plain CNNs in a fraction of a
+    second, needs no onnxscript and prints nothing. When it fails (or is gone in a later torch), the
+    ``torch.export``-based exporter (needs onnxscript) is used. RuntimeError with both reasons when
+    neither works.
+    """
+    path = str(path)
+    names = list(output_names)
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            axes = {n: {0: "batch"} for n in ["input", *names]}
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torch.onnx.export(module, (example,), path, dynamo=False, input_names=["input"], output_names=names,
+                                  dynamic_axes=axes, opset_version=17)
+            return "torchscript (dynamo=False)"
+        except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the other one
+            errors.append(f"torchscript exporter: {_one_line(exc)}")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"],
+                                            output_names=names, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                            verbose=False)
+                program.optimize()
+            # one self-contained file (weights inside, no external-data side file to lose on the way)
+            program.save(path, external_data=False)
+            return "torch.export (dynamo=True)"
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"dynamo exporter: {_one_line(exc)}")
+    raise RuntimeError("; ".join(errors))
+
+
+# ----------------------------------------------------------------------------------------- graphs
+
+
+class _HeadWithRule(nn.Module):
+    """``x -> (hidden, mask, classes)``: the branched network's head, pooling and rule decision."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        hidden = self.net.head(x)
+        mask, classes = self.net.decide(hidden)
+        return hidden, mask, classes
+
+
+class _SegmentExit(nn.Module):
+    """``h -> (h_next, logits, score)``: a backbone segment, its exit head and the criterion's score."""
+
+    def __init__(self, segment: nn.Module, head: nn.Module, criterion):
+        super().__init__()
+        self.segment, self.head, self.criterion = segment, head, criterion
+
+    def forward(self, h):
+        h = self.segment(h)
+        logits = self.head(h)
+        return h, logits, self.criterion.score(logits).float()
+
+
+def _graphs(obj: nn.Module, kind: str) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
+    """``(file name, module, output names)`` per graph, in execution order."""
+    if kind == "model":
+        return [("model.onnx", obj, ("logits",))]
+    if kind == "branched":
+        return [("head.onnx", _HeadWithRule(obj), ("hidden", "mask", "classes")),
+                ("tail.onnx", obj.tail, ("logits",))]
+    out = []
+    last = obj.num_exits - 1
+    for i, segment in enumerate(obj.segments):
+        if i == last:
+            out.append((f"segment{i}.onnx", segment, ("logits",)))
+        elif obj.thresholds[i] is None:
+            out.append((f"segment{i}.onnx", segment, ("hidden",)))
+        else:
+            out.append((f"segment{i}.onnx", _SegmentExit(segment, obj.heads[i], obj.criterion),
+                        ("hidden", "logits", "score")))
+    return out
+
+
+def _kind(obj: Any) -> str:
+    from moco.exits.network import EarlyExitNetwork
+    from moco.rules.branched import BranchedNetwork
+
+    if isinstance(obj, BranchedNetwork):
+        return "branched"
+    if isinstance(obj, EarlyExitNetwork):
+        return "exits"
+    if isinstance(obj, nn.Module):
+        return "model"
+    raise TypeError(f"export needs a torch.nn.Module, a BranchedNetwork or an EarlyExitNetwork, not {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class Check:
+    """How a deployed runtime compares with a reference on ``n_samples`` inputs (fractions in [0, 1]).
+
+    ``agreement``: same predicted class (argmax); ``max_abs_diff``: largest logit difference on
+    samples that took the same exit (NaN when not comparable); ``decisions``: same exit decision
+    (mask or exit index; 1.0 for a plain model); ``near_threshold``: decision flips where the
+    reference's score lies within the tolerance of its threshold (allowed, counted);
+    ``near_ties``: class flips where the reference's two top logits are within the tolerance;
+    ``accuracy`` / ``reference_accuracy``: against labels when given, else None.
+    """
+
+    reference: str
+    n_samples: int
+    agreement: float
+    max_abs_diff: float
+    decisions: float = 1.0
+    near_threshold: int = 0
+    near_ties: int = 0
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the fields."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote and how well it reproduces the PyTorch object.
+
+    ``path``: the ``.onnx`` file or the folder; ``kind``: ``"model"``, ``"branched"`` or ``"exits"``;
+    ``precision``: the precision :func:`moco.deploy.load` picks by default (``"int8"`` when
+    quantized); ``graphs``: file name -> bytes per precision; ``exporter``: which torch exporter
+    worked; ``fp32``: :class:`Check` of the FP32 runtime against PyTorch (on the example and
+    ``check`` inputs); ``int8``: int8 against PyTorch, ``int8_vs_fp32``: int8 against the FP32
+    runtime (both None without ``int8=``); ``recheck``: for exits with int8 and labelled calibration
+    inputs, the certified bound recomputed for the int8 runtime (dict, or None); ``seconds``: wall
+    time of export + checks; ``notes``: anything worth knowing.
+    """
+
+    path: Path
+    kind: str
+    precision: str
+    graphs: dict[str, dict[str, int]]
+    exporter: str
+    fp32: Check
+    int8: Check | None = None
+    int8_vs_fp32: Check | None = None
+    recheck: dict[str, Any] | None = None
+    seconds: float = 0.0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def size_bytes(self) -> dict[str, int]:
+        """Total graph bytes per precision."""
+        return {p: sum(files.values()) for p, files in self.graphs.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of the fields."""
+        return {
+            "path": str(self.path), "kind": self.kind, "precision": self.precision, "graphs": self.graphs,
+            "size_bytes": self.size_bytes, "exporter": self.exporter, "fp32": self.fp32.to_dict(),
+            "int8": self.int8.to_dict() if self.int8 else None,
+            "int8_vs_fp32": self.int8_vs_fp32.to_dict() if self.int8_vs_fp32 else None,
+            "recheck": self.recheck, "seconds": self.seconds, "notes": list(self.notes),
+        }
+
+    def to_text(self) -> str:
+        """A readable summary: files, sizes, agreement per precision."""
+        sizes = ", ".join(f"{p} {b / 1e6:.2f} MB" for p, b in self.size_bytes.items())
+        lines = [f"exported {self.kind} to {self.path} ({sizes}; {self.exporter}; {self.seconds:.1f} s)"]
+        for label, c in (("fp32 vs torch", self.fp32), ("int8 vs torch", self.int8), ("int8 vs fp32", self.int8_vs_fp32)):
+            if c is None:
+                continue
+            acc = f", accuracy {c.accuracy:.4f} (reference {c.reference_accuracy:.4f})" if c.accuracy is not None else ""
+            lines.append(f"  {label}: agreement {c.agreement:.4%} of {c.n_samples:,}, decisions {c.decisions:.4%} "
+                         f"({c.near_threshold} flip(s) at a threshold, {c.near_ties} near tie(s)), "
+                         f"max |logit diff| {c.max_abs_diff:.2e}{acc}")
+        if self.recheck:
+            r = self.recheck
+            lines.append(f"  int8 exit decisions re-certified on {r['n']:,} labelled calibration samples: "
+                         f"{r['metric']} bound {r['bound']:.4f} at {r['confidence']:.0%} "
+                         + ("(no target given)" if r["target"] is None else
+                            f"({'within' if r['holds'] else 'ABOVE'} the target {r['target']})"))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _split_data(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if data is None:
+        return None, None
+    labels = None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        data, labels = data
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if not isinstance(data, torch.Tensor) or data.dim() < 1 or len(data) == 0:
+        raise MocoError(f"{what} must be a non-empty batch tensor [N, ...] or an (x, y) pair, got {type(data).__name__}")
+    if labels is not None:
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (len(data),):
+            raise MocoError(f"{what}: labels must be [N] = [{len(data)}], got {tuple(labels.shape)}")
+    return data.float(), labels
+
+
+def _batches(x: torch.Tensor, size: int = 1024):
+    return x.split(size) if len(x) else [x]
+
+
+@torch.no_grad()
+def _reference(obj: nn.Module, kind: str, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """PyTorch's outputs on ``x``: logits/predictions, decisions, and the decision scores."""
+    logits, decisions, scores = [], [], []
+    for xb in _batches(x):
+        if kind == "model":
+            logits.append(obj(xb).float())
+        elif kind == "branched":
+            pred, mask = obj(xb)
+            logits.append(pred.float() if pred.dim() == 2 else pred)
+            decisions.append(mask)
+            scores.append(obj.decision_margin(obj.head(xb)))
+        else:
+            out, idx = obj(xb)
+            logits.append(out.float())
+            decisions.append(idx)
+            all_logits = obj.forward_all(xb)[:-1]
+            scores.append(torch.stack([obj.criterion.score(z).float() for z in all_logits], 1)
+                          if all_logits else torch.zeros(len(xb), 0))
+    out = {"logits": torch.cat(logits).numpy()}
+    if decisions:
+        out["decisions"] = torch.cat(decisions).numpy()
+        out["scores"] = torch.cat(scores).numpy() if scores[0] is not None else None
+    return out
+
+
+def _run(runtime, kind: str, x: torch.Tensor) -> dict[str, np.ndarray]:
+    logits, decisions = [], []
+    for xb in _batches(x):
+        out = runtime(xb.numpy())
+        if kind == "model":
+            logits.append(out)
+        else:
+            logits.append(out[0])
+            decisions.append(out[1])
+    res = {"logits": np.concatenate(logits)}
+    if decisions:
+        res["decisions"] = np.concatenate(decisions)
+    return res
+
+
+def _near(values: np.ndarray, threshold: np.ndarray, tol: float) -> np.ndarray:
+    return np.abs(values - threshold) <= tol * (1.0 + np.abs(threshold))
+
+
+def _compare(ref: dict, got: dict, kind: str, thresholds: Sequence[float | None], tol: float,
+             labels: torch.Tensor | None, reference: str, *, strict: bool) -> Check:
+    """Compare runtime outputs with the reference's (see :class:`Check`).
+
+    ``strict`` (FP32): a decision flip whose reference score is not within ``tol`` of the threshold,
+    or a class flip that is not a near tie, raises MocoError. Otherwise (int8) flips are counted.
+    ``labels``: int64 ``[n]``, -1 for unlabelled rows (accuracy on the labelled ones), or None.
+    """
+    r_logits, g_logits = ref["logits"], got["logits"]
+    r_pred = r_logits.argmax(1) if r_logits.ndim == 2 else r_logits
+    g_pred = g_logits.argmax(1) if g_logits.ndim == 2 else g_logits
+    n = len(r_pred)
+    same_decision = np.ones(n, dtype=bool)
+    near_threshold = 0
+    if kind != "model":
+        same_decision = ref["decisions"] == got["decisions"]
+        flips = np.flatnonzero(~same_decision)
+        scores = ref.get("scores")
+        if flips.size and scores is not None:
+            if kind == "branched":  # scores: relative distance of each sample's rule scores to the thresholds
+                near = scores[flips] <= tol
+            else:
+                first = np.minimum(ref["decisions"][flips], got["decisions"][flips])
+                t = np.array([np.nan if thresholds[j] is None else thresholds[j] for j in first], dtype=np.float64)
+                near = _near(scores[flips, first].astype(np.float64), t, tol)
+            near_threshold = int(near.sum())
+        if strict and near_threshold < flips.size:
+            raise MocoError(
+                f"the deployed {kind} takes other exit decisions than PyTorch on {flips.size - near_threshold} of "
+                f"{n} samples whose scores are not near a threshold; the export is wrong, please report it")
+    two_d = r_logits.ndim == 2
+    diffs = np.abs(r_logits - g_logits)[same_decision] if two_d else np.zeros(0)
+    max_diff = float(diffs.max()) if diffs.size else (0.0 if two_d else float("nan"))
+    differ = (r_pred != g_pred) & same_decision
+    near_ties = 0
+    if differ.any() and two_d:
+        top2 = np.sort(r_logits[differ], axis=1)[:, -2:]
+        near_ties = int(_near(top2[:, 1], top2[:, 0], tol).sum())
+    if strict and int(differ.sum()) > near_ties:
+        raise MocoError(f"the FP32 ONNX {kind} predicts another class than PyTorch on {int(differ.sum()) - near_ties} "
+                        f"of {n} samples (not near ties); the export is wrong, please report it")
+    accuracy = reference_accuracy = None
+    if labels is not None:
+        y = labels.numpy()
+        rows = y >= 0
+        if rows.any():
+            accuracy = float((g_pred[rows] == y[rows]).mean())
+            reference_accuracy = float((r_pred[rows] == y[rows]).mean())
+    return Check(reference=reference, n_samples=n, agreement=float((r_pred == g_pred).mean()) if n else 1.0,
+                 max_abs_diff=max_diff, decisions=float(same_decision.mean()) if n else 1.0,
+                 near_threshold=near_threshold, near_ties=near_ties, accuracy=accuracy,
+                 reference_accuracy=reference_accuracy)
+
+
+# ----------------------------------------------------------------------------------------- int8
+
+
+class _Reader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over one graph's input batches."""
+
+    def __init__(self, name: str, arrays: list[np.ndarray]):
+        self.name, self.arrays, self.i = name, arrays, 0
+
+    def get_next(self):
+        if self.i >= len(self.arrays):
+            return None
+        self.i += 1
+        return {self.name: self.arrays[self.i - 1]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def _graph_inputs(runtime, kind: str, x: np.ndarray, batch: int = 256) -> list[list[np.ndarray]]:
+    """Per graph, the batches it sees when the FP32 graphs run every calibration sample."""
+    per_graph: list[list[np.ndarray]] = [[] for _ in runtime.graphs]
+    for start in range(0, len(x), batch):
+        h = np.ascontiguousarray(x[start:start + batch])
+        for g, graph in enumerate(runtime.graphs):
+            per_graph[g].append(h)
+            if g < len(runtime.graphs) - 1:
+                h = np.ascontiguousarray(graph(h)[0])
+    return per_graph
+
+
+def _rule_nodes(model_path: Path) -> list[str]:
+    """Names of the nodes that compute from the ``hidden`` output onwards (the rule decision)."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    tainted, names = {"hidden"}, []
+    for node in graph.node:  # nodes are topologically sorted in a valid ONNX graph
+        if any(i in tainted for i in node.input):
+            tainted.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def _quantize(src: Path, dst: Path, reader: _Reader, exclude: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        source = pre
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantize the raw graph then
+        source = src
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(str(source), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or None,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dict[str, Any]:
+    """Certified bound of the int8 exits on labelled calibration data (Clopper-Pearson, as ``calibrate``)."""
+    from moco.stats import clopper_pearson_upper
+
+    metric = getattr(calibration, "metric", "accuracy_drop")
+    target = getattr(calibration, "target", None)
+    confidence = getattr(calibration, "confidence", 0.95)
+    got = _run(runtime, "exits", x)
+    with torch.no_grad():
+        final = torch.cat([obj.forward_final(xb).argmax(1) for xb in _batches(x)]).numpy()
+    pred = got["logits"].argmax(1)
+    early = got["decisions"] < obj.num_exits - 1
+    yy = y.numpy()
+    bad = early & ((pred != yy) & (final == yy) if metric == "accuracy_drop" else pred != final)
+    k, n = int(bad.sum()), len(yy)
+    bound = float(clopper_pearson_upper(k, n, confidence))
+    return {"metric": metric, "n": n, "bad_events": k, "bound": bound, "confidence": confidence,
+            "target": target, "holds": bool(target is None or bound <= target)}
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def _check_tolerance(tolerance: Any) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise MocoError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
+    return float(tolerance)
+
+
+def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int8: Any = None, check: Any = None,
+           calibration: Any = None, tolerance: float = TOLERANCE, intra_op_num_threads: int = 1) -> ExportResult:
+    """Export ``obj`` to ONNX at ``path``, check the runtime against PyTorch and return an :class:`ExportResult`.
+
+    Args:
+        obj: a plain classifier (``x -> logits``), a ``BranchedNetwork`` or an ``EarlyExitNetwork``;
+            never modified (a deep copy in eval mode is exported).
+        path: ``*.onnx`` for a single-graph plain model, else a folder (created; an existing
+            ``manifest.json`` there is replaced, other files are left alone).
+        example_input: a batch ``[B, ...]`` (float) used to trace the graphs and for the first check.
+        int8: calibration inputs ``x`` or ``(x, y)`` (tensors; a few hundred to a few thousand samples
+            of the user's data): adds int8 graphs (see the module docstring). With labels and an
+            exits network, the exit bound is re-checked for int8 on them.
+        check: more inputs ``x`` or ``(x, y)`` to check on (real data); with labels, accuracies.
+        calibration: the :class:`moco.exits.CalibrationResult` whose promise (metric, target,
+            confidence) the int8 re-check uses (default: accuracy drop, 95%, no target).
+        tolerance: relative tolerance of a decision score near its threshold, or of two top logits.
+        intra_op_num_threads: onnxruntime threads used for the checks.
+
+    Raises:
+        TypeError for an unsupported object; MocoError for bad inputs, an exporter failure, or a
+        runtime that disagrees with PyTorch on FP32 (then nothing is left at ``path``).
+    """
+    t_start = time.perf_counter()
+    kind = _kind(obj)
+    tol = _check_tolerance(tolerance)
+    example, _ = _split_data(example_input, "example_input")
+    x_check, y_check = _split_data(check, "check")
+    x_cal, y_cal = _split_data(int8, "int8")
+    path = Path(path)
+    single = path.suffix == ".onnx"
+    if single and kind != "model":
+        raise MocoError(f"a {kind} network exports to several graphs: pass a folder path, not {path.name}")
+    net = copy.deepcopy(obj).eval()
+    thresholds = list(net.thresholds) if kind == "exits" else []
+    xs = example if x_check is None else torch.cat([example, x_check])
+    labels = None if y_check is None else torch.cat([torch.full((len(example),), -1), y_check])
+    ref = _reference(net, kind, xs)
+
+    with tempfile.TemporaryDirectory(prefix="moco-deploy-") as tmp:
+        work = Path(tmp)
+        files: list[dict[str, Any]] = []
+        exporters: list[str] = []
+        h = example
+        with torch.no_grad():
+            for name, module, outputs in _graphs(net, kind):
+                try:
+                    used = export_onnx(module, h, work / name, output_names=outputs)
+                except RuntimeError as exc:
+                    raise MocoError(f"cannot export {name} of the {kind}: {exc}") from None
+                exporters.append(f"{name}: {used}")
+                files.append({"file": name, "outputs": list(outputs)})
+                if kind != "model":
+                    h = module(h)[0] if len(outputs) > 1 else module(h)
+        manifest = _manifest(net, kind, example, {"fp32": files})
+        for item in files:
+            item["sha256"] = file_sha256(work / item["file"])
+        write_json_atomic(work / MANIFEST, manifest)
+        fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
+        got32 = _run(fp32, kind, xs)
+        check32 = _compare(ref, got32, kind, thresholds, tol, labels, "torch", strict=True)
+        check8 = check8_32 = recheck = None
+        notes: list[str] = []
+        if x_cal is not None:
+            per_graph = _graph_inputs(fp32, kind, x_cal.numpy())
+            items8 = []
+            for g, item in enumerate(files):
+                name8 = item["file"].replace(".onnx", ".int8.onnx")
+                exclude = _rule_nodes(work / item["file"]) if kind == "branched" and g == 0 else []
+                _quantize(work / item["file"], work / name8, _Reader(fp32.graphs[g].input, per_graph[g]), exclude)
+                items8.append({"file": name8, "outputs": item["outputs"], "sha256": file_sha256(work / name8)})
+            manifest["graphs"]["int8"] = items8
+            write_json_atomic(work / MANIFEST, manifest)
+            rt8 = load(work, precision="int8", intra_op_num_threads=intra_op_num_threads)
+            got8 = _run(rt8, kind, xs)
+            check8 = _compare(ref, got8, kind, thresholds, tol, labels, "torch", strict=False)
+            check8_32 = _compare(got32, got8, kind, thresholds, tol, None, "fp32", strict=False)
+            if kind == "exits" and y_cal is not None:
+                recheck = _recheck(net, rt8, x_cal, y_cal, calibration)
+                if recheck["target"] is not None and not recheck["holds"]:
+                    notes.append("int8 changes exit decisions enough that the certified bound no longer holds on "
+                                 "the calibration inputs; deploy the FP32 graphs (load(path, precision='fp32'))")
+            if kind == "exits" and check8.decisions < 1.0 and y_cal is None:
+                notes.append("int8 changes some exit decisions; pass int8=(x, y) to re-check the certified bound")
+        manifest["verification"] = {"fp32": check32.to_dict(), "int8": check8.to_dict() if check8 else None,
+                                    "int8_vs_fp32": check8_32.to_dict() if check8_32 else None, "recheck": recheck}
+        write_json_atomic(work / MANIFEST, manifest)
+        graphs = {p: {i["file"]: (work / i["file"]).stat().st_size for i in items}
+                  for p, items in manifest["graphs"].items()}
+        precision = "int8" if "int8" in manifest["graphs"] else "fp32"
+        _install(work, path, single, manifest)
+    return ExportResult(path=path, kind=kind, precision=precision, graphs=graphs, exporter="; ".join(exporters), fp32=check32,
+                        int8=check8, int8_vs_fp32=check8_32, recheck=recheck,
+                        seconds=time.perf_counter() - t_start, notes=tuple(notes))
+
+
+def _manifest(net, kind: str, example: torch.Tensor, graphs: dict) -> dict[str, Any]:
+    import moco
+
+    doc: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "kind": kind, "input_shape": [int(s) for s in example.shape[1:]],
+        "input_dtype": "float32", "graphs": graphs, "order": [g["file"] for g in graphs["fp32"]],
+        "moco": getattr(moco, "__version__", "unknown"), "torch": str(torch.__version__),
+    }
+    if kind == "model":
+        with torch.no_grad():
+            doc["num_classes"] = int(net(example[:1]).shape[1])
+    elif kind == "branched":
+        doc.update(num_classes=int(net.rule.num_classes), output=net.output, layer=net.layer,
+                   rule=type(net.rule).__name__)
+    else:
+        doc.update(num_classes=net.num_classes, thresholds=list(net.thresholds), points=list(net.points),
+                   criterion={**net.criterion.spec(), "higher_is_confident": bool(net.criterion.higher_is_confident)},
+                   segment_macs=list(net.costs.segment_macs), head_macs=list(net.costs.head_macs))
+    return doc
+
+
+def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
+    """Move the checked artifact from the work folder to ``path`` (file replaced atomically; folder: graphs then manifest)."""
+    if single:
+        precision = "int8" if "int8" in manifest["graphs"] else "fp32"
+        src = work / manifest["graphs"][precision][0]["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+        return
+    if path.exists() and not path.is_dir():
+        raise MocoError(f"{path} exists and is not a folder; pass a folder path (or *.onnx for a plain model)")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)  # a reader never sees a manifest naming half-copied graphs
+    for items in manifest["graphs"].values():
+        for item in items:
+            tmp = path / f".{item['file']}.tmp"
+            shutil.copyfile(work / item["file"], tmp)
+            os.replace(tmp, path / item["file"])
+    shutil.copyfile(work / MANIFEST, path / f".{MANIFEST}.tmp")
+    os.replace(path / f".{MANIFEST}.tmp", path / MANIFEST)
+

@@ -1,0 +1,367 @@
+"""The deployed runtime: ONNX Runtime sessions plus numpy gather/scatter, **no torch needed**.
+
+:func:`load` reads what :func:`moco.deploy.export` wrote and returns a runtime with the call contract
+of the PyTorch object it came from:
+
+* a plain model (a single ``.onnx`` file, or a folder whose manifest says ``"kind": "model"``):
+  :class:`ModelRuntime`, ``runtime(x) -> logits`` float32 ``[B, C]``;
+* a :class:`moco.rules.branched.BranchedNetwork` (folder: head graph computing the rule decision,
+  tail graph): :class:`BranchedRuntime`, ``runtime(x) -> (predictions, mask)``;
+* a :class:`moco.exits.EarlyExitNetwork` (folder: one graph per segment with its exit head and
+  criterion score): :class:`ExitsRuntime`, ``runtime(x) -> (logits, exit_index)``.
+
+Samples that leave early stop there; the rest go on as a smaller batch (numpy fancy indexing to
+gather, assignment to scatter), as in PyTorch. Inputs are numpy arrays or torch tensors (converted
+with ``.detach().cpu().numpy()`` by duck typing, without importing torch); outputs are numpy.
+
+The folder layout: ``manifest.json`` (format ``"moco.deploy"``, version 1) lists per precision
+(``"fp32"``, ``"int8"``) the graph files with their sha256, and the kind's settings (exit thresholds,
+criterion direction, classes, input shape). Everything is checked when loading: a malformed manifest,
+a missing or changed graph, a NaN or absurd threshold give a :class:`moco.errors.MocoError` naming the
+file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moco.errors import MocoError
+
+__all__ = ["BranchedRuntime", "ExitsRuntime", "ModelRuntime", "load", "read_manifest", "MANIFEST",
+           "FORMAT", "VERSION", "KINDS", "PRECISIONS"]
+
+MANIFEST = "manifest.json"
+FORMAT = "moco.deploy"
+VERSION = 1
+KINDS = ("model", "branched", "exits")
+PRECISIONS = ("fp32", "int8")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _session(path: Path, threads: int, optimization: str):
+    import onnxruntime as ort
+
+    levels = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
+    if optimization not in levels:
+        raise MocoError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = levels[optimization]
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = next((t for t in str(exc).splitlines() if t.strip()), type(exc).__name__)
+        raise MocoError(f"{path} is not a loadable ONNX graph ({first.strip()[:200]}); export it again "
+                        "with moco.deploy.export") from None
+
+
+def as_array(x: Any, input_shape: tuple[int, ...] | None, what: str = "input") -> np.ndarray:
+    """``x`` (numpy array or torch tensor) as a C-contiguous float32 batch, checked.
+
+    TypeError for a non-numeric or integer/bool input (normalise images to float first), MocoError
+    for a wrong rank or per-sample shape (``input_shape``) and for NaN or inf values.
+    """
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor, recognised without importing torch
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array or a torch tensor batch [B, ...], not {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{what} has dtype {x.dtype}; pass floating-point (float32) inputs, normalised as in training")
+    if x.ndim == 0:
+        raise MocoError(f"{what} is 0-d; pass a batch with a leading batch dimension")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise MocoError(f"{what} has per-sample shape {tuple(x.shape[1:])}, the deployed model expects "
+                        f"{tuple(input_shape)} (batch shape [B, {', '.join(map(str, input_shape))}])")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size and not np.isfinite(x).all():
+        raise MocoError(f"{what} contains NaN or inf; clean or normalise the data first")
+    return x
+
+
+def _require(cond: bool, manifest: Path, what: str) -> None:
+    if not cond:
+        raise MocoError(f"{manifest} is malformed: {what}; export the model again with moco.deploy.export")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The validated manifest of an exported folder (MocoError naming the file for anything wrong)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise MocoError(f"{folder} has no {MANIFEST}; it is not a folder written by moco.deploy.export")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MocoError(f"{path} is not valid JSON ({exc}); export the model again with moco.deploy.export") from None
+    _require(isinstance(doc, dict) and doc.get("format") == FORMAT, path, f"format is not {FORMAT!r}")
+    _require(doc.get("version") == VERSION, path, f"version {doc.get('version')!r}, this moco reads {VERSION}")
+    kind = doc.get("kind")
+    _require(kind in KINDS, path, f"kind {kind!r} is not one of {KINDS}")
+    shape = doc.get("input_shape")
+    _require(isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape),
+             path, "input_shape must be a list of positive ints")
+    nc = doc.get("num_classes")
+    _require(isinstance(nc, int) and not isinstance(nc, bool) and nc > 0, path, "num_classes must be a positive int")
+    graphs = doc.get("graphs")
+    _require(isinstance(graphs, dict) and graphs and set(graphs) <= set(PRECISIONS), path,
+             f"graphs must map a precision ({', '.join(PRECISIONS)}) to a list of graphs")
+    n_graphs = {"model": 1, "branched": 2}.get(kind)
+    for precision, items in graphs.items():
+        _require(isinstance(items, list) and items, path, f"graphs[{precision!r}] must be a non-empty list")
+        if n_graphs is not None:
+            _require(len(items) == n_graphs, path, f"a {kind} needs {n_graphs} graph(s), graphs[{precision!r}] has {len(items)}")
+        for item in items:
+            _require(isinstance(item, dict) and isinstance(item.get("file"), str) and isinstance(item.get("sha256"), str),
+                     path, f"every graph entry needs 'file' and 'sha256' strings, got {item!r}")
+            _require(Path(item["file"]).name == item["file"], path, f"graph file {item['file']!r} must be a plain name")
+    if kind == "branched":
+        _require(doc.get("output") in ("onehot", "classes"), path, "output must be 'onehot' or 'classes'")
+    if kind == "exits":
+        thresholds = doc.get("thresholds")
+        _require(isinstance(thresholds, list), path, "thresholds must be a list (one per early exit)")
+        for items in graphs.values():
+            _require(len(items) == len(thresholds) + 1, path,
+                     f"{len(thresholds)} thresholds need {len(thresholds) + 1} segment graphs, found {len(items)}")
+        crit = doc.get("criterion")
+        _require(isinstance(crit, dict) and isinstance(crit.get("higher_is_confident"), bool), path,
+                 "criterion must be an object with a boolean 'higher_is_confident'")
+        for i, t in enumerate(thresholds):
+            if t is None:
+                continue
+            ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(float(t)) and abs(t) < 1e6
+            if not ok:
+                raise MocoError(f"{path}: threshold {i} is {t!r}; a threshold must be a finite number (or null "
+                                "to disable the exit): the manifest was edited or damaged, calibrate and export again")
+    return doc
+
+
+class _Graph:
+    """One ONNX Runtime session and its input/output names."""
+
+    def __init__(self, path: Path, threads: int, optimization: str):
+        self.path = path
+        self.session = _session(path, threads, optimization)
+        self.input = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input: x})
+
+
+def _check_threads(threads: Any) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise MocoError(f"intra_op_num_threads must be an int >= 0 (0: onnxruntime's default), got {threads!r}")
+    return threads
+
+
+class _Runtime:
+    """Shared parts: the manifest, the graphs of one precision, the input check."""
+
+    kind = "model"
+
+    def __init__(self, graphs: list[_Graph], manifest: dict[str, Any], precision: str, threads: int, path: Path):
+        self.graphs = graphs
+        self.manifest = manifest
+        self.precision = precision
+        self.intra_op_num_threads = threads
+        self.path = path
+        shape = manifest.get("input_shape")
+        self.input_shape = tuple(shape) if shape else None
+        self.num_classes = manifest.get("num_classes")
+
+    def _input(self, x: Any) -> np.ndarray:
+        return as_array(x, self.input_shape)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(path={str(self.path)!r}, precision={self.precision!r}, "
+                f"graphs={len(self.graphs)}, intra_op_num_threads={self.intra_op_num_threads})")
+
+
+class ModelRuntime(_Runtime):
+    """A plain model: ``runtime(x) -> logits`` float32 ``[B, C]``."""
+
+    kind = "model"
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.graphs[0](self._input(x))[0]
+
+
+class BranchedRuntime(_Runtime):
+    """A rule-based early exit: ``runtime(x) -> (predictions, mask)`` as ``BranchedNetwork`` returns them.
+
+    The head graph returns the head activation, the rule's exit mask (bool ``[B]``) and class (int64
+    ``[B]``); only the rows where the mask is False run the tail graph. ``predictions`` are float32
+    one-hot rows for exited samples and the tail's logits for the others (``output="onehot"``), or
+    int64 classes (``output="classes"``).
+    """
+
+    kind = "branched"
+
+    def __call__(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        x = self._input(x)
+        hidden, mask, classes = self.graphs[0](x)
+        mask = mask.astype(bool, copy=False)
+        b = x.shape[0]
+        keep = np.flatnonzero(~mask)
+        rest = None
+        if keep.size:
+            rest = self.graphs[1](hidden if keep.size == b else np.ascontiguousarray(hidden[keep]))[0]
+        exit_rows = np.flatnonzero(mask)
+        if self.manifest["output"] == "classes":
+            predictions = np.empty(b, dtype=np.int64)
+            predictions[exit_rows] = classes[exit_rows]
+            if rest is not None:
+                predictions[keep] = rest.argmax(axis=1)
+            return predictions, mask
+        width = rest.shape[1] if rest is not None else self.num_classes
+        predictions = np.zeros((b, width), dtype=np.float32)
+        predictions[exit_rows, classes[exit_rows]] = 1.0
+        if rest is not None:
+            predictions[keep] = rest
+        return predictions, mask
+
+
+class ExitsRuntime(_Runtime):
+    """Learned early exits: ``runtime(x) -> (logits float32 [B, C], exit_index int64 [B])``.
+
+    Graph ``i < K - 1`` returns the backbone activation and, when exit ``i`` is enabled, the exit's
+    logits and criterion score; a sample leaves where ``score >= t`` (``higher_is_confident``) or
+    ``score <= t``. ``thresholds`` may be replaced (a list of finite numbers or None, one per early
+    exit; an exit exported disabled cannot be enabled).
+    """
+
+    kind = "exits"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.higher_is_confident = bool(self.manifest["criterion"]["higher_is_confident"])
+        self._has_head = [len(g.outputs) == 3 for g in self.graphs[:-1]]
+        self.thresholds = self.manifest["thresholds"]
+
+    @property
+    def thresholds(self) -> tuple[float | None, ...]:
+        """Per early exit: the threshold, or None (disabled)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, values) -> None:
+        values = list(values)
+        if len(values) != len(self.graphs) - 1:
+            raise MocoError(f"thresholds needs {len(self.graphs) - 1} values (one per early exit), got {len(values)}")
+        out = []
+        for i, t in enumerate(values):
+            if t is not None:
+                if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not math.isfinite(float(t)):
+                    raise MocoError(f"threshold {i} is {t!r}; use a finite number, or None to disable the exit")
+                if not self._has_head[i]:
+                    raise MocoError(f"exit {i} was exported disabled (no head in {self.graphs[i].path.name}); "
+                                    "export the network again with this exit enabled")
+                t = float(t)
+            out.append(t)
+        self._thresholds = tuple(out)
+
+    def __call__(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        h = self._input(x)
+        b = h.shape[0]
+        last = len(self.graphs) - 1
+        exit_index = np.full(b, last, dtype=np.int64)
+        if b == 0:
+            return np.zeros((0, self.num_classes), dtype=np.float32), exit_index
+        out = None
+        idx = None  # original rows of the samples still active; None = all, in order
+        for i, graph in enumerate(self.graphs):
+            results = graph(h)
+            if i == last:
+                if out is None:
+                    return results[0], exit_index
+                out[idx] = results[0]
+                return out, exit_index
+            t = self._thresholds[i]
+            h = results[0]
+            if t is None:
+                continue
+            logits, score = results[1], results[2]
+            mask = score >= t if self.higher_is_confident else score <= t
+            n_exit = int(mask.sum())
+            if n_exit == 0:
+                continue
+            if out is None:
+                out = np.empty((b, logits.shape[1]), dtype=np.float32)
+                idx = np.arange(b)
+            if n_exit == h.shape[0]:
+                out[idx] = logits
+                exit_index[idx] = i
+                return out, exit_index
+            leave = np.flatnonzero(mask)
+            stay = np.flatnonzero(~mask)
+            rows = idx[leave]
+            out[rows] = logits[leave]
+            exit_index[rows] = i
+            idx = idx[stay]
+            h = np.ascontiguousarray(h[stay])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+_RUNTIMES = {"model": ModelRuntime, "branched": BranchedRuntime, "exits": ExitsRuntime}
+
+
+def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads: int = 1,
+         optimization: str = "all") -> ModelRuntime | BranchedRuntime | ExitsRuntime:
+    """Load an exported model: a ``.onnx`` file (plain model) or a folder with ``manifest.json``.
+
+    ``precision``: ``"fp32"`` or ``"int8"`` (default: int8 when the folder has it, else fp32);
+    ``intra_op_num_threads``: onnxruntime's intra-op threads per session (0: its default, all cores);
+    ``optimization``: onnxruntime's graph optimisation level (``"all"``, ``"extended"``, ``"basic"``,
+    ``"none"``). Every graph's sha256 is checked against the manifest. Raises MocoError for a missing
+    path, a malformed manifest, a missing or changed graph, or a precision the folder lacks.
+    """
+    threads = _check_threads(intra_op_num_threads)
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise MocoError(f"{path} is neither an .onnx file nor a folder written by moco.deploy.export")
+        graph = _Graph(path, threads, optimization)
+        shape = graph.session.get_inputs()[0].shape[1:]
+        manifest = {"kind": "model", "input_shape": shape if all(isinstance(s, int) for s in shape) else None,
+                    "num_classes": None}
+        return ModelRuntime([graph], manifest, precision or "unknown", threads, path)
+    if not path.exists():
+        raise MocoError(f"{path} does not exist; export a model there with moco.deploy.export(obj, path, example_input)")
+    manifest = read_manifest(path)
+    available = [p for p in PRECISIONS if p in manifest["graphs"]]
+    if precision is None:
+        precision = "int8" if "int8" in available else available[0]
+    if precision not in available:
+        raise MocoError(f"{path} has no {precision!r} graphs (it has: {', '.join(available)}); "
+                        f"export with int8=<calibration inputs> for int8")
+    graphs = []
+    for item in manifest["graphs"][precision]:
+        file = path / item["file"]
+        if not file.is_file():
+            raise MocoError(f"graph {file} named by {path / MANIFEST} is missing; copy the whole folder or export again")
+        if file_sha256(file) != item["sha256"]:
+            raise MocoError(f"graph {file} does not match its sha256 in {path / MANIFEST}; it was changed or mixed up")
+        graphs.append(_Graph(file, threads, optimization))
+    return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path)

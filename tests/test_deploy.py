@@ -1,0 +1,221 @@
+"""moco.deploy: export + load for plain models, BranchedNetwork and EarlyExitNetwork, FP32 and int8."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moco.deploy import BranchedRuntime, ExitsRuntime, ExportResult, ModelRuntime, export, load
+from moco.errors import MocoError
+from moco.exits import attach_exits
+from moco.models import create
+from moco.rules.branched import BranchedNetwork
+from moco.rules.rule import RuleSet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def y():
+    return torch.randint(0, 10, (96,), generator=torch.Generator().manual_seed(4))
+
+
+def _rules(n_features: int, quantile_of, seed=0) -> RuleSet:
+    """A 10-class margin RuleSet with random weights whose threshold lets about half the samples exit."""
+    g = np.random.default_rng(seed)
+    w = g.normal(0, 0.05, (n_features, 10)).astype(np.float32)
+    rs = RuleSet(w, np.zeros(10, np.float32), tuple(range(10)), {c: 0.0 for c in range(10)}, layer=2)
+    t = _between(rs.scores(quantile_of).max(dim=1).values, 0.5)
+    return RuleSet(w, np.zeros(10, np.float32), tuple(range(10)), {c: t for c in range(10)}, layer=2)
+
+
+@pytest.fixture(scope="module")
+def exits_net(x):
+    torch.manual_seed(0)
+    model = create("resnet18", in_channels=1, width_multiplier=0.25).eval()
+    net = attach_exits(model, ["layer1", "layer2"], example_input=x[:1]).eval()
+    with torch.no_grad():
+        for head in net.heads:  # spread the untrained heads' scores (else all entropies sit near ln 10)
+            [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1].weight.mul_(30)
+        s = [net.criterion.score(z) for z in net.forward_all(x)[:-1]]
+    net.thresholds = [_between(s[0], 0.4), _between(s[1], 0.6)]
+    return net
+
+
+def _between(scores: torch.Tensor, q: float) -> float:
+    """A threshold halfway between two neighbouring scores (no score lies on it): about a fraction q below."""
+    v = scores.detach().sort().values
+    k = int(q * len(v))
+    return float((v[k] + v[k + 1]) / 2)
+
+
+def test_plain_model_file_and_folder(seed_cnn, x, y, tmp_path):
+    res = export(seed_cnn, tmp_path / "m.onnx", x[:4], check=(x, y))
+    assert isinstance(res, ExportResult) and res.kind == "model" and res.precision == "fp32"
+    assert res.fp32.agreement == 1.0 and res.fp32.n_samples == 100 and res.fp32.max_abs_diff < 1e-4
+    assert res.fp32.accuracy == res.fp32.reference_accuracy and res.int8 is None
+    d = res.to_dict()
+    json.dumps(d)
+    assert d["size_bytes"]["fp32"] > 1e6 and "fp32 vs torch" in str(res)
+    rt = load(tmp_path / "m.onnx", intra_op_num_threads=1)
+    assert isinstance(rt, ModelRuntime) and rt.intra_op_num_threads == 1
+    with torch.no_grad():
+        ref = seed_cnn(x).numpy()
+    out = rt(x)  # torch in, numpy out; dynamic batch
+    assert isinstance(out, np.ndarray) and out.shape == (96, 10)
+    assert (out.argmax(1) == ref.argmax(1)).all() and np.abs(out - ref).max() < 1e-4
+    assert rt(x[:1].numpy()).shape == (1, 10)
+    folder = export(seed_cnn, tmp_path / "mf", x[:4])
+    assert (tmp_path / "mf" / "manifest.json").is_file() and folder.graphs["fp32"] == {"model.onnx": folder.graphs["fp32"]["model.onnx"]}
+    assert np.abs(load(tmp_path / "mf")(x) - ref).max() < 1e-4
+
+
+def test_plain_model_int8_reports_agreement(seed_cnn, x, y, tmp_path):
+    res = export(seed_cnn, tmp_path / "q", x[:4], int8=x[:64], check=(x, y))
+    assert res.precision == "int8" and set(res.graphs) == {"fp32", "int8"}
+    assert res.size_bytes["int8"] < 0.5 * res.size_bytes["fp32"]  # int8 weights
+    assert 0.0 <= res.int8.agreement <= 1.0 and res.int8.accuracy is not None
+    assert res.int8_vs_fp32.reference == "fp32" and res.int8_vs_fp32.n_samples == 100
+    rt8, rt32 = load(tmp_path / "q"), load(tmp_path / "q", precision="fp32")
+    assert rt8.precision == "int8" and rt32.precision == "fp32"
+    got = (rt8(x).argmax(1) == rt32(x).argmax(1)).mean()
+    assert got == pytest.approx(res.int8_vs_fp32.agreement, abs=0.05)
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["verification"]["int8"]["agreement"] == res.int8.agreement
+
+
+@pytest.mark.parametrize("pooling", [None, "max"])
+def test_branched_runtime_equals_pytorch(seed_cnn, x, tmp_path, pooling):
+    with torch.no_grad():
+        hidden = seed_cnn[:2](x)
+    feats = hidden.amax(dim=(2, 3)) if pooling else hidden.flatten(1)
+    net = BranchedNetwork(seed_cnn, 2, _rules(feats.shape[1], feats), pooling=pooling)
+    with torch.no_grad():
+        pred, mask = net(x)
+    assert 0 < int(mask.sum()) < len(x)  # both paths run
+    res = export(net, tmp_path / "b", x[:8], check=x, int8=x[:64])
+    assert res.kind == "branched" and res.fp32.agreement == 1.0 and res.fp32.decisions == 1.0
+    rt = load(tmp_path / "b", precision="fp32")
+    assert isinstance(rt, BranchedRuntime)
+    p2, m2 = rt(x)
+    assert (m2 == mask.numpy()).all() and (p2.argmax(1) == pred.argmax(1).numpy()).all()
+    assert np.abs(p2 - pred.numpy()).max() < 1e-4
+    assert 0.0 <= res.int8.decisions <= 1.0  # reported
+    classes_net = BranchedNetwork(seed_cnn, 2, net.rule, pooling=pooling, output="classes")
+    export(classes_net, tmp_path / "c", x[:8])
+    c, m3 = load(tmp_path / "c")(x)
+    assert c.dtype == np.int64 and (c == pred.argmax(1).numpy()).all() and (m3 == mask.numpy()).all()
+
+
+def test_exits_runtime_equals_pytorch_and_int8_recheck(exits_net, x, y, tmp_path):
+    with torch.no_grad():
+        logits, idx = exits_net(x)
+    assert len(set(idx.tolist())) == 3  # every exit taken
+    res = export(exits_net, tmp_path / "e", x[:8], check=(x, y), int8=(x, y))
+    assert res.kind == "exits" and res.fp32.agreement == 1.0 and res.fp32.decisions == 1.0
+    assert res.recheck["n"] == 96 and 0.0 <= res.recheck["bound"] <= 1.0 and res.recheck["metric"] == "accuracy_drop"
+    rt = load(tmp_path / "e", precision="fp32", intra_op_num_threads=1)
+    assert isinstance(rt, ExitsRuntime) and rt.thresholds == exits_net.thresholds
+    l2, i2 = rt(x)
+    assert (i2 == idx.numpy()).all() and np.abs(l2 - logits.numpy()).max() < 1e-4
+    assert rt(x[:0])[0].shape == (0, 10)
+    rt.thresholds = [None, None]  # everything to the final exit
+    assert (rt(x)[1] == 2).all()
+    with pytest.raises(MocoError, match="finite"):
+        rt.thresholds = [math.nan, None]
+    exits_net_disabled = attach_exits(create("resnet18", in_channels=1, width_multiplier=0.25).eval(),
+                                      ["layer1", "layer2"], example_input=x[:1], thresholds=[None, 0.5]).eval()
+    export(exits_net_disabled, tmp_path / "d", x[:8])
+    rt_d = load(tmp_path / "d")
+    with pytest.raises(MocoError, match="exported disabled"):
+        rt_d.thresholds = [0.1, 0.5]
+
+
+def test_edited_thresholds_and_malformed_manifests(exits_net, seed_cnn, x, tmp_path):
+    export(exits_net, tmp_path / "e", x[:8])
+    path = tmp_path / "e" / "manifest.json"
+    doc = json.loads(path.read_text())
+    for bad in (float("nan"), 1e300):
+        edited = dict(doc, thresholds=[bad, doc["thresholds"][1]])
+        path.write_text(json.dumps(edited))
+        with pytest.raises(MocoError, match="threshold 0"):
+            load(tmp_path / "e")
+    path.write_text("{not json")
+    with pytest.raises(MocoError, match="not valid JSON"):
+        load(tmp_path / "e")
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k != "kind"}))
+    with pytest.raises(MocoError, match="kind"):
+        load(tmp_path / "e")
+    path.write_text(json.dumps(dict(doc, thresholds=[0.1])))
+    with pytest.raises(MocoError, match="segment graphs"):
+        load(tmp_path / "e")
+    path.write_text(json.dumps(doc))
+    (tmp_path / "e" / "segment1.onnx").unlink()
+    with pytest.raises(MocoError, match="segment1.onnx.*missing"):
+        load(tmp_path / "e")
+    export(seed_cnn, tmp_path / "m", x[:4])
+    (tmp_path / "m" / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(MocoError, match="sha256"):
+        load(tmp_path / "m")
+    with pytest.raises(MocoError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(MocoError, match="no 'int8' graphs"):
+        export(seed_cnn, tmp_path / "m", x[:4]) and load(tmp_path / "m", precision="int8")
+
+
+def test_bad_inputs(seed_cnn, x, tmp_path):
+    export(seed_cnn, tmp_path / "m", x[:4])
+    rt = load(tmp_path / "m")
+    with pytest.raises(TypeError, match="dtype"):
+        rt(np.zeros((2, 1, 28, 28), dtype=np.int64))
+    with pytest.raises(MocoError, match="per-sample shape"):
+        rt(np.zeros((2, 1, 20, 28), dtype=np.float32))
+    with pytest.raises(MocoError, match="NaN"):
+        rt(np.full((2, 1, 28, 28), np.nan, dtype=np.float32))
+    with pytest.raises(TypeError, match="numpy array"):
+        rt([1, 2, 3])
+    with pytest.raises(MocoError, match="intra_op_num_threads"):
+        load(tmp_path / "m", intra_op_num_threads=-1)
+    with pytest.raises(TypeError, match="export needs"):
+        export(object(), tmp_path / "z", x[:4])
+    with pytest.raises(MocoError, match="folder path"):
+        export(BranchedNetwork(seed_cnn, 2, _rules(32 * 26 * 26, seed_cnn[:2](x[:8]).flatten(1))),
+               tmp_path / "b.onnx", x[:4])
+
+
+def test_runtime_needs_no_torch(exits_net, seed_cnn, x, tmp_path):
+    """The deployed runtime runs in a process where ``import torch`` fails."""
+    export(exits_net, tmp_path / "e", x[:8])
+    export(seed_cnn, tmp_path / "m.onnx", x[:4])
+    with torch.no_grad():
+        logits, idx = exits_net(x)
+        ref_m = seed_cnn(x)
+    np.savez(tmp_path / "data.npz", x=x.numpy(), logits=logits.numpy(), idx=idx.numpy(), m=ref_m.numpy())
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any "import torch" now raises ImportError
+import numpy as np
+from moco.deploy import load
+d = np.load({str(tmp_path / 'data.npz')!r})
+logits, idx = load({str(tmp_path / 'e')!r})(d["x"])
+assert (idx == d["idx"]).all() and np.abs(logits - d["logits"]).max() < 1e-4
+out = load({str(tmp_path / 'm.onnx')!r})(d["x"])
+assert np.abs(out - d["m"]).max() < 1e-4
+assert sys.modules["torch"] is None
+print("ok without torch")
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ok without torch" in proc.stdout
