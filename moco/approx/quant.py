@@ -54,6 +54,7 @@ __all__ = [
     "QMAX",
     "rebuild_as",
     "replace_layers",
+    "limited_batches",
 ]
 
 QMIN, QMAX = -128, 127
@@ -315,7 +316,7 @@ def calibrate(model: nn.Module, data: Any, *, batch_size: int = 256, max_samples
         m.calibrating = True
     seen = 0
     try:
-        for x, _ in _limited(data, batch_size, max_samples):
+        for x, _ in limited_batches(data, batch_size, max_samples):
             model(x)
             seen += len(x)
     finally:
@@ -328,7 +329,8 @@ def calibrate(model: nn.Module, data: Any, *, batch_size: int = 256, max_samples
     return model
 
 
-def _limited(data: Any, batch_size: int, max_samples: int | None) -> Iterator[tuple[torch.Tensor, Any]]:
+def limited_batches(data: Any, batch_size: int, max_samples: int | None) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``iter_batches(data, batch_size)`` cut after ``max_samples`` samples (None: all)."""
     seen = 0
     for x, y in iter_batches(data, batch_size):
         if max_samples is not None and seen >= max_samples:

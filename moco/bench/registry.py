@@ -34,6 +34,7 @@ BENCHMARK_MODULES: dict[str, str] = {
     "exits-mnist-retrofit": "moco.bench.bench_exits_mnist_retrofit",
     "prune-fashion": "moco.bench.bench_prune_fashion",
     "pfa-fashion": "moco.bench.bench_pfa_fashion",
+    "approx-lenet": "moco.bench.bench_approx_lenet",
 }
 
 
