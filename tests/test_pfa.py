@@ -81,11 +81,16 @@ def test_model_introspection_streams_the_max_pooled_responses_and_leaves_the_mod
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN stats untouched
     assert not any(m._forward_hooks for m in model.modules())
-    # default layers: every conv/linear but the classifier; avg pooling is the mean over space
+    # default layers: every conv/linear but the classifier, analysed after their BatchNorm/ReLU chain;
+    # avg pooling is the mean over space; response="output" takes the conv's own output
     avg = PFA.introspect(x, model=model, pooling="avg", progress=False)
     assert avg.layers == ["0", "3"]
+    assert dict(avg.responses) == {"0": "0 -> 1 -> 2", "3": "3 -> 4"}
+    act0 = model.eval()[:3](x).mean(dim=(2, 3)).detach().double().numpy()
+    np.testing.assert_allclose(avg.statistics["0"].covariance, np.cov(act0.T), rtol=1e-6, atol=1e-9)
+    raw = PFA.introspect(x, model=model, pooling="avg", response="output", progress=False)
     out0 = model.eval()[0](x).mean(dim=(2, 3)).detach().double().numpy()
-    np.testing.assert_allclose(avg.statistics["0"].covariance, np.cov(out0.T), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(raw.statistics["0"].covariance, np.cov(out0.T), rtol=1e-6, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -133,11 +138,12 @@ def test_size_finds_one_global_threshold():
 def test_recipe_diagnostics_and_defaults():
     cov = np.diag([4.0, 2.0, 1.0, 1.0])
     pfa = PFA.from_statistics({"a": LayerStatistics.from_covariance(cov, count=100)})
-    kl = pfa.get_recipe()["a"]  # defaults: KL + AbsMax
+    kl = pfa.get_recipe()["a"]  # defaults: KL + L1Max (as DNIKit)
     assert isinstance(kl, PFARecipe)
     assert (kl.original_count, kl.recommended_count, len(kl.units_to_keep)) == (4, 4, 4)
-    assert kl.diagnostics.strategy == "PFA KL" and kl.diagnostics.unit_strategy == "AbsMax"
-    energy = pfa.get_recipe(strategy=PFA.Strategy.Energy(energy_threshold=0.75, min_kept_count=1))["a"]
+    assert kl.diagnostics.strategy == "PFA KL" and kl.diagnostics.unit_strategy == "L1Max"
+    energy = pfa.get_recipe(strategy=PFA.Strategy.Energy(energy_threshold=0.75, min_kept_count=1),
+                            unit_strategy=PFA.UnitSelectionStrategy.AbsMax())["a"]
     assert energy.recommended_count == 2
     assert energy.diagnostics.kept_energy == pytest.approx(0.75)
     assert energy.diagnostics.units_ratio == pytest.approx(0.5)
@@ -297,7 +303,7 @@ def test_show_table_and_chart(tmp_path):
     assert table["original count"].tolist() == [6, 4]
     both = PFA.show((kl, e99), include_columns=["layer_name", "recommended count"], path=tmp_path / "t.csv")
     assert list(both.columns) == ["recipe", "layer name", "recommended count"]
-    assert both["recipe"].tolist() == ["PFA KL, AbsMax"] * 2 + ["PFA Energy(0.99), AbsMax"] * 2
+    assert both["recipe"].tolist() == ["PFA KL, L1Max"] * 2 + ["PFA Energy(0.99), L1Max"] * 2
     assert (tmp_path / "t.csv").read_text().startswith("recipe,layer name,recommended count")
     everything = PFA.show({"kl": kl}, include_columns=[])
     assert {"KL divergence", "kept energy", "units ratio", "PFA strategy"} <= set(everything.columns)
@@ -343,3 +349,131 @@ def test_pfa_fashion_maps_block_responses_to_their_convs_and_sizes_by_macs():
     small = apply(model, PFA.keep(recipes, rename=responses), example_input=x[:1])
     macs = profile(model, x[:1], latency=False).totals.macs / profile(small, x[:1], latency=False).totals.macs
     assert macs == pytest.approx(reduction)
+
+
+# ------------------------------------------------------------------------------- DNIKit compatibility
+def test_dnikit_names_producer_epsilon_and_failed_responses_list():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    x[:, 5] = 2.0  # a constant (inactive) unit
+    seen = []
+
+    def producer(batch_size):  # DNIKit's Producer protocol: producer(batch_size) -> batches
+        seen.append(batch_size)
+        for i in range(0, len(x), batch_size):
+            yield {"conv": x[i:i + batch_size], "tiny": x[i:i + batch_size, :5][:1]}
+
+    pfa = PFA.introspect(producer, batch_size=100, epsilon_inactive=1e-8)
+    assert seen == [100] and pfa.epsilon_inactive == 1e-8
+    assert pfa.failed_responses == ["tiny"] and "only 3 samples" in pfa.failed_responses["tiny"]
+    recipe = pfa.get_recipe()["conv"]  # KL + L1Max, as DNIKit
+    assert recipe.diagnostics.unit_strategy == "L1Max"
+    assert recipe.original_output_count == recipe.original_count == 6
+    assert recipe.recommended_output_count == recipe.recommended_count
+    assert recipe.number_inactive_units == 1
+    removed = recipe.maximally_correlated_units
+    assert set(removed) == set(range(6)) - recipe.units_to_keep
+    assert removed[0] == 5  # the inactive unit is removed first and listed first
+    # more units asked for than are active: moco fills the count with inactive units and says so
+    everything = pfa.get_recipe(strategy=PFA.Strategy.Energy(energy_threshold=1.0, min_kept_count=6))["conv"]
+    assert everything.recommended_count == 6 and everything.diagnostics.inactive_kept == 1
+    assert "only 5 are active" in everything.diagnostics.note and everything.diagnostics.note in everything.to_text()
+    # KL's interpolation function and Size's epsilon_energy, as DNIKit's
+    half = pfa.get_recipe(strategy=PFA.Strategy.KL(interpolation_function=lambda kl, top: 0.5))["conv"]
+    assert half.recommended_count == 3
+    with pytest.raises(MocoError, match="must lie in"):
+        pfa.get_recipe(strategy=PFA.Strategy.KL(interpolation_function=lambda kl, top: 2.0))
+    size = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=1.0, epsilon_energy=0.2))["conv"]
+    assert size.diagnostics.energy_threshold == pytest.approx(0.8)
+    # show(exclude_columns=...) and the result protocol of recipes
+    recipes = pfa.get_recipe()
+    table = PFA.show(recipes, include_columns=[], exclude_columns=["units to keep", "KL divergence"])
+    assert "units to keep" not in table.columns and "kept energy" in table.columns
+    with pytest.raises(MocoError, match="no columns left"):
+        PFA.show(recipes, include_columns=["layer name"], exclude_columns=["layer_name"])
+    assert recipes.to_dict()["conv"]["units_to_keep"] == sorted(recipes["conv"].units_to_keep)
+    assert str(recipes) == recipes.to_text() and "units kept" in recipes.to_text()
+    assert list(recipes.to_frame()["layer name"]) == ["conv"]
+    import json
+
+    json.dumps(recipes.to_dict())
+
+
+class _FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))  # functional activation
+        y = self.conv2(y).relu() + y  # method activation, then a residual add
+        return self.fc(y.mean((2, 3)))
+
+
+def test_layers_named_by_their_conv_are_read_after_the_functional_activation():
+    torch.manual_seed(0)
+    model = _FunctionalBlock().eval()
+    x = torch.randn(64, 1, 8, 8)
+    pfa = PFA.introspect(x, model=model, layers=["conv1", "conv2"], batch_size=16, progress=False)
+    assert dict(pfa.responses) == {"conv1": "conv1 -> bn1 -> relu", "conv2": "conv2 -> .relu()"}
+    with torch.no_grad():
+        a1 = torch.relu(model.bn1(model.conv1(x)))
+        a2 = model.conv2(a1).relu()
+    for name, act in (("conv1", a1), ("conv2", a2)):
+        ref = act.amax(dim=(2, 3)).double().numpy()
+        np.testing.assert_allclose(pfa.statistics[name].covariance, np.cov(ref.T), rtol=1e-6, atol=1e-9)
+    # recipes are keyed by the convs: surgery takes them without a rename map
+    from moco.compress.surgery import apply
+
+    recipes = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=0.5))
+    small = apply(model, PFA.keep({"conv1": recipes["conv1"]}), x[:1])  # conv2 is tied to conv1 by the add
+    assert small(x).shape == (64, 3) and small.conv1.out_channels == recipes["conv1"].recommended_count
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------ targeted loop
+def test_pfa_loop_on_a_batchnorm_residual_se_model_stops_within_budget():
+    from test_user_models import SEResNet
+
+    from moco.compress.pfa import PFALoop
+    from moco.train import evaluate, fit
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # a learnable toy task: the class is the quadrant with the brightest blob
+    x = torch.randn(600, 1, 16, 16, generator=g) * 0.3
+    y = torch.randint(0, 4, (600,), generator=g)
+    for i in range(600):
+        r, c = divmod(int(y[i]), 2)
+        x[i, 0, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 1.0
+    model = SEResNet(width=8, num_classes=4)
+    fit(model, (x[:400], y[:400]), epochs=8, lr=1e-2, batch_size=32, progress=False)
+    assert evaluate(model, (x[400:], y[400:])).accuracy > 0.9
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loop = PFALoop(fractions=(0.1, 0.5, 1.0), max_drop=0.05, finetune_epochs=3, finetune_samples=400,
+                   introspect_samples=300, lr=3e-3, batch_size=32).fit(model, (x[:400], y[:400]), (x[400:], y[400:]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model is untouched
+    assert len(loop.log_) >= 1 and loop.log_[0].fraction == 0.1
+    accepted = [s for s in loop.log_ if s.accepted]
+    assert accepted and all(s.drop <= 0.05 + 1e-12 for s in accepted)
+    assert [s.macs for s in loop.log_] == sorted((s.macs for s in loop.log_), reverse=True)
+    assert all(s.accepted for s in loop.log_[:-1])  # the loop stops at the first step over budget
+    if accepted:
+        assert loop.fraction_ == accepted[-1].fraction and loop.macs_ == accepted[-1].macs < loop.base_macs_
+    else:
+        assert loop.fraction_ == 0.0 and loop.macs_ == loop.base_macs_
+    assert loop.small_(x[:2]).shape == (2, 4)
+    # tied residual layers keep one recipe per group
+    assert "block1.conv2" in loop.dropped_recipes_ or "block1.conv2" not in loop.recipes_
+    d = loop.to_dict()
+    import json
+
+    json.dumps(d)
+    assert str(loop) == loop.to_text()
+    assert ("validation accuracy" in loop.to_text()) != ("unchanged" in loop.to_text())
+    assert list(loop.to_frame().columns)[:3] == ["fraction", "units", "macs"]
+    with pytest.raises(MocoError, match="fractions must be increasing"):
+        PFALoop(fractions=(1.0, 0.5)).fit(model, (x[:400], y[:400]), (x[400:], y[400:]))

@@ -21,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moco.capture import _resolve_layers, iter_layer_outputs
+from moco.compress.pfa.responses import activation_probe
 from moco.compress.pfa.stats import RunningCovariance
 from moco.errors import MocoError
 
-__all__ = ["Accumulator", "default_layers", "pooler", "stream_model", "stream_responses"]
+__all__ = ["Accumulator", "ModelProducer", "default_layers", "pooler", "stream_model", "stream_responses"]
 
 Pooler = Callable[[Any], Any]
 
@@ -60,23 +61,26 @@ class Accumulator:
         self.nonfinite: dict[str, int] = {}
 
     def add(self, name: str, pooled: Any) -> None:
+        """Merge one ``[B, units]`` batch of ``name``'s pooled responses (float64; non-finite rows counted, dropped)."""
         if isinstance(pooled, torch.Tensor):
-            pooled = pooled.detach().to("cpu", torch.float64).numpy()
+            pooled = pooled.detach().cpu().numpy()
         arr = np.asarray(pooled)
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise MocoError(f"responses of {name!r} are not numeric (dtype {arr.dtype})")
-        arr = arr.astype(np.float64, copy=False)
         if arr.ndim != 2:
             raise MocoError(f"pooled responses of {name!r} must be [B, units], got shape {arr.shape}")
-        finite = np.isfinite(arr).all(axis=1)
         acc = self.stats.setdefault(name, RunningCovariance())
-        if not finite.all():
-            self.nonfinite[name] = self.nonfinite.get(name, 0) + int((~finite).sum())
-            arr = arr[finite]
         try:
-            acc.update(arr)
+            xs = acc.shifted(arr)  # one pass: float64 conversion and shift
         except MocoError as err:
             raise MocoError(f"layer {name!r}: {err}") from None
+        sums = xs.sum(axis=0)
+        if not np.isfinite(sums).all():  # NaN/inf rows (rare): count and drop them
+            finite = np.isfinite(xs).all(axis=1)
+            self.nonfinite[name] = self.nonfinite.get(name, 0) + int((~finite).sum())
+            xs = xs[finite]
+            sums = None
+        acc.add_shifted(xs, sums)
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -90,22 +94,58 @@ def default_layers(model: nn.Module) -> list[str]:
     return names[:-1]
 
 
+class ModelProducer:
+    """A DNIKit-style producer over a model: ``producer(batch_size)`` yields ``{layer: pooled [B, units]}`` batches.
+
+    The equivalent of DNIKit's ``pipeline(dataset, model(responses), Pooler(...))``: each call runs the
+    model over ``data`` in batches (eval mode, inference mode, flags restored, nothing registered on
+    the model) and yields, per batch, the pooled response of every layer. Layers named by their
+    ``Conv2d`` / ``Linear`` are read after their BatchNorm/activation chain (``response="activation"``,
+    see :mod:`moco.compress.pfa.responses`); ``described`` says which tensor each layer is.
+    """
+
+    def __init__(self, model: nn.Module, data: Any, layers: list[str] | None = None, *,
+                 pooling: str | Callable | None = "max", response: str = "activation", progress: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if response not in ("activation", "output"):
+            raise MocoError(f"response must be 'activation' (after the layer's BatchNorm/activation) or 'output', "
+                            f"got {response!r}")
+        names = default_layers(model) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        self.layers = list(_resolve_layers(model, names))
+        if response == "activation":
+            self._probe, taps, self.described = activation_probe(model, self.layers)
+        else:
+            self._probe, taps = model, {n: n for n in self.layers}
+            self.described = {n: f"{n} (its own output)" for n in self.layers}
+        self._layer_of = {tap: name for name, tap in taps.items()}
+        self._data, self._pool, self._progress = data, pooler(pooling), progress
+
+    def __call__(self, batch_size: int = 500):
+        """Yield ``{layer: pooled responses [B, units] (torch tensor)}`` per batch of ``batch_size`` samples."""
+        with contextlib.closing(iter_layer_outputs(self._probe, self._data, list(self._layer_of),
+                                                   batch_size=batch_size, processor=self._pool,
+                                                   progress=self._progress, desc="PFA introspect")) as batches:
+            for outputs in batches:
+                yield {self._layer_of[tap]: value for tap, value in outputs.items()}
+
+
 def stream_model(model: nn.Module, data: Any, layers: list[str] | None, pool: Callable, batch_size: int,
-                 progress: bool) -> tuple[Accumulator, list[str]]:
-    """Run ``model`` over ``data`` and accumulate the pooled outputs of ``layers`` (qualified names)."""
-    names = default_layers(model) if layers is None else layers
-    targets = list(_resolve_layers(model, names))
+                 progress: bool, response: str = "activation") -> tuple[Accumulator, list[str], dict[str, str]]:
+    """Run ``model`` over ``data`` and accumulate the pooled responses of ``layers`` (qualified names).
+
+    Returns the accumulator, the layer names and ``{layer: what was captured}`` (see :class:`ModelProducer`).
+    """
+    producer = ModelProducer(model, data, layers, pooling=pool, response=response, progress=progress)
     acc = Accumulator()
     start = 0
-    with contextlib.closing(iter_layer_outputs(model, data, targets, batch_size=batch_size, processor=pool,
-                                               progress=progress, desc="PFA introspect")) as batches:
-        for outputs in batches:
-            for name in targets:
-                acc.add(name, outputs[name])  # checks the pooled shape is [B, units]
-            start += next(iter(outputs.values())).shape[0]
+    for batch in producer(batch_size):
+        for name, value in batch.items():
+            acc.add(name, value)  # checks the pooled shape is [B, units]
+        start += next(iter(batch.values())).shape[0]
     if start == 0:
         raise MocoError("the data yielded no samples; nothing to introspect")
-    return acc, targets
+    return acc, producer.layers, producer.described
 
 
 def _fields(batch: Any) -> Mapping:
@@ -146,7 +186,9 @@ def stream_responses(source: Iterable, layers: list[str] | None, pool: Callable,
             if t.dim() >= 1 and not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32,
                                                                              torch.int64, torch.uint8, torch.bool)):
                 raise MocoError(f"responses of {name!r} have dtype {t.dtype}; pass real numbers")
-            pooled = pool(t.to(torch.float64) if t.dim() >= 1 else t)
+            if t.dim() > 2 or (t.dim() >= 1 and not t.is_floating_point()):
+                t = t.to(torch.float64)  # pool in float64; [B, units] floats go to the accumulator as they are
+            pooled = pool(t)
             if name not in acc.stats:
                 order.append(name)
             acc.add(name, pooled)

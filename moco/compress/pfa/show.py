@@ -55,7 +55,25 @@ def normalise(recipes: Any) -> list[tuple[str | None, Mapping]]:
     )
 
 
-def _columns(include_columns: Sequence[str] | None) -> list[str]:
+def _lookup(name: str) -> str:
+    lookup = {c.lower(): c for c in ALL_COLUMNS}
+    key = str(name).replace("_", " ").lower()
+    if key not in lookup:
+        raise MocoError(f"unknown column {name!r}; choose from {list(ALL_COLUMNS)} (or [] for all)")
+    return lookup[key]
+
+
+def _columns(include_columns: Sequence[str] | None, exclude_columns: Sequence[str] | None = None) -> list[str]:
+    if isinstance(exclude_columns, str):
+        raise TypeError("exclude_columns is a list of column names, not a str; e.g. ['units to keep']")
+    excluded = {_lookup(c) for c in (exclude_columns or [])}
+    cols = [c for c in _included(include_columns) if c not in excluded]
+    if not cols:
+        raise MocoError("no columns left to show: exclude_columns removes every included column")
+    return cols
+
+
+def _included(include_columns: Sequence[str] | None) -> list[str]:
     if include_columns is None:
         return list(DEFAULT_COLUMNS)
     if isinstance(include_columns, str):
@@ -63,14 +81,7 @@ def _columns(include_columns: Sequence[str] | None) -> list[str]:
     cols = list(include_columns)
     if not cols:
         return list(ALL_COLUMNS)
-    lookup = {c.lower(): c for c in ALL_COLUMNS}
-    out = []
-    for c in cols:
-        key = str(c).replace("_", " ").lower()
-        if key not in lookup:
-            raise MocoError(f"unknown column {c!r}; choose from {list(ALL_COLUMNS)} (or [] for all)")
-        out.append(lookup[key])
-    return out
+    return [_lookup(c) for c in cols]
 
 
 def _row(recipe) -> dict:
@@ -89,16 +100,17 @@ def _row(recipe) -> dict:
     }
 
 
-def recipes_table(recipes: Any, *, include_columns: Sequence[str] | None = None, path: str | os.PathLike | None = None):
+def recipes_table(recipes: Any, *, include_columns: Sequence[str] | None = None,
+                  exclude_columns: Sequence[str] | None = None, path: str | os.PathLike | None = None):
     """A pandas DataFrame with one row per layer (per recipe set); a ``recipe`` column when several are given.
 
     ``include_columns``: None -> :data:`DEFAULT_COLUMNS`; ``[]`` -> all of :data:`ALL_COLUMNS`; names
-    may use spaces or underscores. ``path``: also write the table as CSV (atomically).
+    may use spaces or underscores. ``exclude_columns``: names to leave out of those. ``path``: also write the table as CSV (atomically).
     """
     import pandas as pd
 
     groups = normalise(recipes)
-    cols = _columns(include_columns)
+    cols = _columns(include_columns, exclude_columns)
     rows = []
     for label, group in groups:
         for recipe in group.values():

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from moco.errors import MocoError
 
-__all__ = ["KL", "Energy", "Size", "energy_count", "kl_count", "kl_divergence", "kept_energy", "size_threshold"]
+__all__ = ["KL", "Energy", "Size", "energy_count", "kl_count", "kl_divergence", "kept_energy", "linear_interpolation",
+           "size_threshold"]
 
 _TOL = 1e-12  # cumulative-energy comparisons on normalised spectra
 _CEIL_TOL = 1e-9  # n * H / log n that is an integer up to rounding is not rounded up
@@ -84,13 +85,29 @@ def kl_divergence(eigenvalues) -> float:
     return max(0.0, math.log(n) - entropy)
 
 
-def kl_count(eigenvalues, min_kept_count: int = 1) -> int:
-    """Units the KL recipe keeps: ``ceil(n * (1 - KL(p || uniform) / log n))``, at least 1 (and ``min_kept_count``)."""
+def linear_interpolation(kl_divergence: float, max_kl_divergence: float) -> float:
+    """DNIKit's default KL interpolation: the units ratio ``1 - kl_divergence / max_kl_divergence``."""
+    return 1.0 - kl_divergence / max_kl_divergence
+
+
+def kl_count(eigenvalues, min_kept_count: int = 1, interpolation_function=None) -> int:
+    """Units the KL recipe keeps: ``ceil(n * ratio)``, at least 1 (and ``min_kept_count``).
+
+    ``ratio = interpolation_function(KL(p || uniform), log n)``; the default (linear) gives
+    ``1 - KL / log n = H(p) / log n``. A custom function must return a ratio in [0, 1].
+    """
     e = _spectrum(eigenvalues)
     n = e.size
     if n == 1:
         return 1
-    ratio = 1.0 - kl_divergence(e) / math.log(n)
+    interpolate = linear_interpolation if interpolation_function is None else interpolation_function
+    ratio = interpolate(kl_divergence(e), math.log(n))
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError):
+        raise MocoError(f"interpolation_function must return a number (a units ratio in [0, 1]), got {ratio!r}") from None
+    if not 0.0 <= ratio <= 1.0 + 1e-12:
+        raise MocoError(f"interpolation_function returned the units ratio {ratio!r}; it must lie in [0, 1]")
     k = math.ceil(n * ratio - _CEIL_TOL)
     return int(min(max(k, min_kept_count, 1), n))
 
@@ -175,12 +192,18 @@ class KL:
 
     Args:
         min_kept_count: keep at least this many units per layer (default 1).
+        interpolation_function: DNIKit's hook: ``f(kl_divergence, max_kl_divergence) -> units ratio``
+            (None: :func:`linear_interpolation`, ``1 - kl / max``, DNIKit's default).
     """
 
     min_kept_count: int = 1
+    interpolation_function: Callable[[float, float], float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "min_kept_count", _check_min_kept(self.min_kept_count))
+        if self.interpolation_function is not None and not callable(self.interpolation_function):
+            raise TypeError("interpolation_function must be a callable (kl_divergence, max_kl_divergence) -> ratio, "
+                            f"got {type(self.interpolation_function).__name__}")
 
     @property
     def name(self) -> str:
@@ -189,7 +212,7 @@ class KL:
 
     def recommend(self, spectra: Mapping[str, np.ndarray]) -> tuple[dict[str, int], float | None]:
         """``({layer: units to keep}, None)``."""
-        return {k: kl_count(e, self.min_kept_count) for k, e in spectra.items()}, None
+        return {k: kl_count(e, self.min_kept_count, self.interpolation_function) for k, e in spectra.items()}, None
 
 
 @dataclass(frozen=True)
@@ -200,14 +223,20 @@ class Size:
         relative_size: fraction of all analysed units to keep, in (0, 1] (e.g. 0.5 halves the widths
             on average; layers with flatter spectra keep more).
         min_kept_count: keep at least this many units per layer.
+        epsilon_energy: the shared threshold is kept inside ``[epsilon_energy, 1 - epsilon_energy]``
+            (DNIKit's argument and default, 1e-8).
     """
 
     relative_size: float
     min_kept_count: int = 0
+    epsilon_energy: float = 1e-8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "relative_size", _check_fraction("relative_size", self.relative_size, allow_zero=False))
         object.__setattr__(self, "min_kept_count", _check_min_kept(self.min_kept_count))
+        eps = self.epsilon_energy
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 0.5:
+            raise MocoError(f"epsilon_energy must be a number in [0, 0.5), got {eps!r}")
 
     @property
     def name(self) -> str:
@@ -217,4 +246,5 @@ class Size:
     def recommend(self, spectra: Mapping[str, np.ndarray]) -> tuple[dict[str, int], float | None]:
         """``({layer: units to keep}, the shared energy threshold)``."""
         t = size_threshold(spectra, self.relative_size, self.min_kept_count)
+        t = min(max(t, self.epsilon_energy), 1.0 - self.epsilon_energy)
         return {k: energy_count(e, t, self.min_kept_count) for k, e in spectra.items()}, t

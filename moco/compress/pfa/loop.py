@@ -1,0 +1,267 @@
+"""An accuracy-targeted PFA loop: apply a recipe in growing fractions of its reduction, fine-tune after each
+step, and stop at the last step whose validation drop stays within budget.
+
+Surgery plus a short fine-tune can lose much more than expected on a BatchNorm + residual model (a
+user's model went from 78.6% to 63.8% with no warning). :class:`PFALoop` makes the budget explicit:
+
+1. introspect the model (or take a given :class:`PFA`) and compute the recipe (default KL + L1Max);
+   layers tied by a residual add / depthwise conv keep only one recipe per dependency group (the first
+   layer of the group that has one), so that surgery gets consistent indices;
+2. for each fraction ``f`` of ``fractions`` (default 0.25, 0.5, 0.75, 1.0), every layer keeps
+   ``n - round(f * (n - k))`` units (``k``: the recipe's count), chosen by the unit strategy on the
+   layer's covariance, and the *original* model is cut to that size (:func:`moco.compress.surgery.apply`),
+   fine-tuned on a fresh random subset of the training data and evaluated on ``val_data``;
+3. a step is accepted while the drop against the original model is at most ``max_drop`` (accuracy
+   points as a fraction, 0.01 = 1 point, or the increase in mean cross-entropy with
+   ``metric="loss"``); the first step over budget ends the loop and the last accepted model is kept
+   (roll back). If even the first step is over budget, ``small_`` is an unchanged copy of the model and
+   ``fraction_`` is 0.
+
+Every step starts from the original weights, so a rolled-back step costs nothing but its time. The
+caller's model is never modified. Units: accuracies are fractions, losses nats per sample, MACs
+multiply-accumulates per sample, seconds wall-clock.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from moco.errors import MocoError
+
+__all__ = ["PFALoop", "PFAStep"]
+
+
+@dataclass(frozen=True)
+class PFAStep:
+    """One step of :class:`PFALoop`: the model cut to ``fraction`` of the recipe's reduction, fine-tuned.
+
+    ``units``: kept units per analysed layer; ``macs``: MACs per sample of the cut model; ``accuracy`` /
+    ``loss``: validation accuracy (fraction) and mean cross-entropy after fine-tuning; ``drop``: the
+    drop against the original model in the loop's metric (accuracy fraction, or loss increase);
+    ``accepted``: within ``max_drop``; ``seconds``: wall-clock time of the step.
+    """
+
+    fraction: float
+    units: dict
+    macs: int
+    accuracy: float
+    loss: float
+    drop: float
+    accepted: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the fields."""
+        return asdict(self)
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise MocoError(f"fractions must be numbers in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {fractions!r}") from None
+    if not values or any(not 0 < f <= 1 for f in values) or list(values) != sorted(set(values)):
+        raise MocoError(f"fractions must be increasing numbers in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {fractions!r}")
+    return values
+
+
+class PFALoop:
+    """Apply a PFA recipe step by step with fine-tuning, keeping the validation drop within ``max_drop``.
+
+    Parameters: ``strategy`` / ``unit_strategy`` (``PFA.Strategy.*`` / ``PFA.UnitSelectionStrategy.*``;
+    default KL and L1Max), ``layers`` (Conv2d/Linear names to analyse; default every conv/linear but the
+    classifier), ``pfa`` (an existing :class:`PFA` of ``model``; else it is introspected on
+    ``introspect_samples`` training images), ``fractions``, ``max_drop``, ``metric`` (``"accuracy"`` or
+    ``"loss"``), ``finetune_epochs``, ``finetune_samples`` (None: all), ``lr``, ``schedule``
+    (``"cosine"`` or ``"constant"``), ``distill`` (fine-tune with the original model as teacher),
+    ``batch_size``, ``seed``, ``example_input`` (one input batch; default the first training sample),
+    ``progress``.
+
+    After :meth:`fit`: ``small_`` (the last accepted model, fine-tuned, eval mode), ``keep_`` (its
+    ``{layer: kept indices}``), ``fraction_``, ``log_`` (tuple of :class:`PFAStep`), ``recipes_``,
+    ``base_accuracy_`` / ``base_loss_`` / ``base_macs_``, ``accuracy_`` / ``loss_`` / ``macs_``,
+    ``dropped_recipes_`` (tied layers whose recipe was left to their group's first layer), ``seconds_``.
+    """
+
+    def __init__(self, *, strategy: Any = None, unit_strategy: Any = None, layers: Sequence[str] | None = None,
+                 pfa: Any = None, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0), max_drop: float = 0.01,
+                 metric: str = "accuracy", finetune_epochs: int = 1, finetune_samples: int | None = 10_000,
+                 lr: float = 1e-3, schedule: str = "cosine", distill: bool = False, batch_size: int = 128,
+                 introspect_samples: int = 2000, seed: int = 0, example_input: torch.Tensor | None = None,
+                 progress: bool = False):
+        self.strategy = strategy
+        self.unit_strategy = unit_strategy
+        self.layers = layers
+        self.pfa = pfa
+        self.fractions = fractions
+        self.max_drop = max_drop
+        self.metric = metric
+        self.finetune_epochs = finetune_epochs
+        self.finetune_samples = finetune_samples
+        self.lr = lr
+        self.schedule = schedule
+        self.distill = distill
+        self.batch_size = batch_size
+        self.introspect_samples = introspect_samples
+        self.seed = seed
+        self.example_input = example_input
+        self.progress = progress
+
+    def _check(self) -> tuple[float, ...]:
+        fractions = _check_fractions(self.fractions)
+        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or self.max_drop < 0:
+            raise MocoError(f"max_drop must be a number >= 0 (an accuracy fraction, 0.01 = 1 point), got {self.max_drop!r}")
+        if self.metric not in ("accuracy", "loss"):
+            raise MocoError(f"metric must be 'accuracy' or 'loss', got {self.metric!r}")
+        for key in ("finetune_epochs", "batch_size", "introspect_samples"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MocoError(f"{key} must be an int >= 1, got {v!r}")
+        fs = self.finetune_samples
+        if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int) or fs < 1):
+            raise MocoError(f"finetune_samples must be None (all) or an int >= 1, got {fs!r}")
+        return fractions
+
+    def _recipes(self, model: nn.Module, x_train: torch.Tensor, example: torch.Tensor):
+        from moco.compress.pfa.core import PFA
+        from moco.compress.surgery import dependency_groups
+
+        pfa = self.pfa
+        if pfa is None:
+            g = torch.Generator().manual_seed(self.seed)
+            idx = torch.randperm(len(x_train), generator=g)[: self.introspect_samples]
+            pfa = PFA.introspect(x_train[idx], model=model, layers=self.layers, progress=self.progress)
+        elif not isinstance(pfa, PFA):
+            raise TypeError(f"pfa must be a moco.compress.pfa.PFA of the model, got {type(pfa).__name__}")
+        recipes = pfa.get_recipe(strategy=self.strategy, unit_strategy=self.unit_strategy)
+        unit_strategy = self.unit_strategy or PFA.UnitSelectionStrategy.L1Max()
+        groups = {name: g for g in dependency_groups(model, example) for name in g.layers}
+        chosen, dropped, seen = {}, [], set()
+        for name, recipe in recipes.items():
+            group = groups.get(name)
+            if group is None:
+                raise MocoError(f"PFA layer {name!r} is not a Conv2d/Linear of the model; name layers by the conv or "
+                                f"linear that owns the units (PFA.introspect(..., layers=[...]))")
+            if not group.prunable or group.layers in seen:
+                dropped.append(name)
+                continue
+            seen.add(group.layers)
+            chosen[name] = recipe
+        if not chosen:
+            raise MocoError("no PFA recipe applies to a prunable layer (the output layer and layers tied to it cannot "
+                            "shrink)")
+        return pfa, recipes, chosen, dropped, unit_strategy
+
+    def fit(self, model: nn.Module, train_data: Any, val_data: Any) -> "PFALoop":
+        """Run the loop on a copy of ``model``; ``train_data`` for introspection and fine-tuning, ``val_data``
+        (a split of the training data, never the test set) for the drop. ``(x, y)`` tensors or a dataset
+        with ``.tensors()``. Returns self."""
+        from moco.compress.finetune import finetune
+        from moco.compress.prune import _labelled_tensors
+        from moco.compress.surgery import apply
+        from moco.profile import profile
+        from moco.train import evaluate
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        fractions = self._check()
+        x_tr, y_tr = _labelled_tensors(train_data, "train_data")
+        x_va, y_va = _labelled_tensors(val_data, "val_data")
+        example = x_tr[:1] if self.example_input is None else self.example_input
+        start = time.perf_counter()
+        pfa, recipes, chosen, dropped, unit_strategy = self._recipes(model, x_tr, example)
+        base = evaluate(model, (x_va, y_va), batch_size=max(self.batch_size, 1000))
+        base_macs = profile(model, example, latency=False).per_sample("macs")
+        gen = torch.Generator().manual_seed(self.seed)
+        best, best_keep, best_fraction = copy.deepcopy(model).eval(), {}, 0.0
+        best_eval, best_macs = base, base_macs
+        log: list[PFAStep] = []
+        for step, f in enumerate(fractions):
+            t0 = time.perf_counter()
+            keep = {}
+            for name, recipe in chosen.items():
+                n, k = recipe.original_count, recipe.recommended_count
+                count = n - int(round(f * (n - k)))
+                keep[name] = np.sort(unit_strategy.select(pfa.statistics[name].covariance, count)).tolist()
+            small = apply(model, keep, example)
+            idx = torch.randperm(len(x_tr), generator=gen)
+            if self.finetune_samples is not None:
+                idx = idx[: self.finetune_samples]
+            finetune(small, (x_tr[idx], y_tr[idx]), epochs=self.finetune_epochs, lr=self.lr, schedule=self.schedule,
+                     batch_size=self.batch_size, seed=self.seed + step, teacher=model if self.distill else None,
+                     progress=self.progress)
+            small.eval()
+            ev = evaluate(small, (x_va, y_va), batch_size=max(self.batch_size, 1000))
+            drop = (base.accuracy - ev.accuracy) if self.metric == "accuracy" else (ev.loss - base.loss)
+            accepted = drop <= float(self.max_drop) + 1e-12
+            macs = profile(small, example, latency=False).per_sample("macs")
+            log.append(PFAStep(float(f), {n: len(v) for n, v in keep.items()}, int(macs), ev.accuracy, ev.loss,
+                               float(drop), accepted, time.perf_counter() - t0))
+            if not accepted:
+                break
+            best, best_keep, best_fraction, best_eval, best_macs = small, keep, float(f), ev, macs
+        self.small_ = best.eval()
+        self.keep_ = best_keep
+        self.fraction_ = best_fraction
+        self.log_ = tuple(log)
+        self.recipes_ = recipes
+        self.dropped_recipes_ = tuple(dropped)
+        self.base_accuracy_, self.base_loss_, self.base_macs_ = base.accuracy, base.loss, int(base_macs)
+        self.accuracy_, self.loss_, self.macs_ = best_eval.accuracy, best_eval.loss, int(best_macs)
+        self.seconds_ = time.perf_counter() - start
+        return self
+
+    # ------------------------------------------------------------------ result protocol
+    def _fitted(self) -> None:
+        if not hasattr(self, "log_"):
+            raise MocoError("call fit(model, train_data, val_data) first")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary: base and final accuracy / loss / MACs, fraction applied, steps, seconds."""
+        self._fitted()
+        return {
+            "metric": self.metric, "max_drop": float(self.max_drop), "fraction": self.fraction_,
+            "base_accuracy": self.base_accuracy_, "accuracy": self.accuracy_,
+            "base_loss": self.base_loss_, "loss": self.loss_,
+            "base_macs": self.base_macs_, "macs": self.macs_,
+            "macs_reduction": self.base_macs_ / self.macs_ if self.macs_ else None,
+            "units": {n: len(v) for n, v in self.keep_.items()},
+            "dropped_recipes": list(self.dropped_recipes_),
+            "steps": [s.to_dict() for s in self.log_], "seconds": self.seconds_,
+        }
+
+    def to_frame(self):
+        """The steps as a pandas DataFrame (one row per step; ``units`` as total kept units)."""
+        import pandas as pd
+
+        self._fitted()
+        rows = [{**s.to_dict(), "units": sum(s.units.values())} for s in self.log_]
+        return pd.DataFrame(rows, columns=["fraction", "units", "macs", "accuracy", "loss", "drop", "accepted",
+                                           "seconds"])
+
+    def to_dataframe(self):
+        """Alias of :meth:`to_frame` (the pruner's name)."""
+        return self.to_frame()
+
+    def to_text(self) -> str:
+        """The step table (every column) and a one-line verdict."""
+        self._fitted()
+        unit = "accuracy points" if self.metric == "accuracy" else "nats of loss"
+        scale = 100.0 if self.metric == "accuracy" else 1.0
+        verdict = (f"kept fraction {self.fraction_:g} of the recipe's reduction: {self.base_macs_ / self.macs_:.2f}x "
+                   f"fewer MACs, validation accuracy {self.base_accuracy_:.4f} -> {self.accuracy_:.4f} "
+                   f"(budget {scale * float(self.max_drop):g} {unit})")
+        if self.fraction_ == 0.0:
+            verdict = (f"even {self.log_[0].fraction:g} of the recipe's reduction costs more than "
+                       f"{scale * float(self.max_drop):g} {unit}: the model is returned unchanged")
+        return self.to_frame().to_string(index=False) + "\n" + verdict
+
+    def __str__(self) -> str:
+        return self.to_text() if hasattr(self, "log_") else f"PFALoop(max_drop={self.max_drop}, unfitted)"
