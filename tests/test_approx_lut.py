@@ -162,3 +162,23 @@ def test_clear_errors(tmp_path):
     calibrate(q, torch.randn(2, 4, 8, 8))
     assert isinstance(q.get_submodule("0"), QuantConv2d) and isinstance(q.get_submodule("4"), QuantLinear)
     q(torch.randn(1, 4, 8, 8))
+
+
+def test_export_qdq_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    x = torch.randn(64, 4, 8, 8)
+    q = quantize(small_net(), x, per_channel=True)
+    res = q.eval()(x).detach()
+    from moco.approx.quant import export_qdq
+
+    r = export_qdq(q, tmp_path / "q.onnx", x)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert r.max_abs_diff < 0.1 * float(res.abs().max())
+    assert type(q.get_submodule("0")) is QuantConv2d and not q.get_submodule("0").export_qdq
+    lut = copy.deepcopy(q)
+    replace_layers(lut, ["0"], lambda n, m: to_lut(m, M.truncated(3)))
+    with pytest.raises(MocoError, match="ONNX cannot express"):
+        export_qdq(lut, tmp_path / "l.onnx", x)

@@ -55,6 +55,8 @@ __all__ = [
     "rebuild_as",
     "replace_layers",
     "limited_batches",
+    "export_qdq",
+    "QDQExport",
 ]
 
 QMIN, QMAX = -128, 127
@@ -115,6 +117,7 @@ class QuantLayer:
         self.sigma: nn.Parameter | None = None
         self.multiplier = None
         self.layer_name = ""
+        self.export_qdq = False
 
     # -------------------------------------------------------------- scales
     def _observe(self, x: torch.Tensor) -> None:
@@ -154,7 +157,22 @@ class QuantLayer:
         """Integer accumulation of ``multiplier`` products (lut layers); not reached without a multiplier."""
         raise MocoError(f"{type(self).__name__} has no approximate multiplier; deploy one with moco.approx.lut")
 
+    def _qdq_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same fake quantisation through torch's fake-quant ops, which ONNX exports as QuantizeLinear /
+        DequantizeLinear pairs (ONNX Runtime runs such QDQ graphs with int8 kernels)."""
+        s_x = float(self.activation_scale())
+        s_w = self.weight_scale()
+        xf = torch.fake_quantize_per_tensor_affine(x, s_x, 0, QMIN, QMAX)
+        if self.per_channel:
+            wf = torch.fake_quantize_per_channel_affine(self.weight, s_w, torch.zeros(len(s_w), dtype=torch.int32), 0,
+                                                        QMIN, QMAX)
+        else:
+            wf = torch.fake_quantize_per_tensor_affine(self.weight, float(s_w), 0, QMIN, QMAX)
+        return self._op(xf, wf, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_qdq:
+            return self._qdq_forward(x)
         if self.calibrating:
             self._observe(x)
             return self._op(x, self.weight, self.bias)
@@ -339,3 +357,54 @@ def limited_batches(data: Any, batch_size: int, max_samples: int | None) -> Iter
             x = x[: max_samples - seen]
         seen += len(x)
         yield x, y
+
+
+@dataclass(frozen=True)
+class QDQExport:
+    """An exported QAT model: ``path`` of the ONNX QDQ graph, the ``exporter`` used, and the check on the
+    example input against the PyTorch QAT model: ``max_abs_diff`` of the outputs and ``agreement``
+    (fraction of equal argmax predictions)."""
+
+    path: str
+    exporter: str
+    max_abs_diff: float
+    agreement: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def export_qdq(model: nn.Module, path: Any, example_input: torch.Tensor) -> QDQExport:
+    """Export a QAT model (from :func:`quantize`) as an ONNX QDQ graph for ONNX Runtime int8, and check it.
+
+    Each quantised layer exports its learned scales as QuantizeLinear/DequantizeLinear pairs on the
+    input and the weight (zero point 0), through :func:`moco.deploy.exporter.export_onnx`. LUT layers
+    cannot be exported (an approximate multiplier is not an ONNX operator): MocoError. The model is
+    not modified (a copy is exported). ``example_input`` (a batch) is run through both.
+    """
+    from moco.deploy.exporter import export_onnx
+
+    layers = quant_layers(model)
+    if not layers:
+        raise MocoError("the model has no quantised layers; quantise it first (moco.approx.quantize)")
+    lut = [n for n, m in layers if m.multiplier is not None]
+    if lut:
+        raise MocoError(f"layers {lut} simulate approximate multipliers, which ONNX cannot express; export the "
+                        "int8 QAT model instead")
+    m = copy.deepcopy(model).eval()
+    for _, layer in quant_layers(m):
+        layer.sigma = None
+        layer.export_qdq = True
+    exporter = export_onnx(m, example_input[:1], path)
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": example_input.detach().numpy()})[0]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        ref = model(example_input).numpy()
+    model.train(was)
+    return QDQExport(str(path), exporter, float(np.abs(got - ref).max()),
+                     float(np.mean(got.argmax(1) == ref.argmax(1))))
