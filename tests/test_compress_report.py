@@ -97,3 +97,10 @@ def test_report_errors(models):
         compare_models(original, "small", (x, y), **kw)
     with pytest.raises(MocoError, match="eager"):
         compare_models(original, small, (x, y), baselines=("channels_last",), **kw)
+
+
+def test_report_result_protocol(report):
+    assert str(report) == report.to_text()
+    frame = report.to_frame()
+    assert list(frame["quantity"]) == ["params", "macs_per_sample", "flops_per_sample", "accuracy"]
+    assert frame["original"].tolist()[1] == report.macs_before and frame["compressed"].tolist()[3] == report.accuracy_after

@@ -355,3 +355,90 @@ def test_recalibrate_batchnorm_restores_statistics_without_touching_weights():
     assert recalibrate_batchnorm(nn.Linear(2, 2), x) == 0  # no BatchNorm: nothing to do
     with pytest.raises(MocoError, match="no samples"):
         recalibrate_batchnorm(model, x[:0])
+
+
+# ---------------------------------------------------------------------------------- group importance
+def _consumer_model():
+    """conv0 (4 filters of equal L1) -> BN -> ReLU -> conv2 that reads channel 3 with large weights."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1, bias=False),
+                          nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[3].weight.fill_(0.1)
+        model[3].weight[:, 3] = 10.0
+        model[1].weight.copy_(torch.tensor([0.5, 3.0, 0.5, 0.5]))
+    return model
+
+
+def test_group_importance_sums_producers_consumers_and_batchnorm():
+    from moco.compress.prune import group_importance
+
+    model = _consumer_model()
+    x = torch.randn(2, 1, 4, 4)
+    l1 = select_one_shot(model, 0.75, layers=["0"], example_input=x)  # equal filter L1: ties, lowest index removed
+    assert l1["0"] == [3]
+    assert select_one_shot(model, 0.75, layers=["0"], example_input=x, importance="bn_scale")["0"] == [1]
+    group = select_one_shot(model, 0.75, layers=["0"], example_input=x, importance="group_l1")["0"]
+    assert group == [3]  # the consumer's large column wins over BN's scale 3 (normalised per layer)
+    scores = group_importance(model, x, "group_l2")
+    assert set(scores) == {"0", "3"}  # the output layer 5 is not prunable
+    # hand count for unit 3 of group "0": producer 1/1 + BN 0.25/(mean of [.25, 9, .25, .25]) + consumer
+    bn = np.array([0.25, 9.0, 0.25, 0.25])
+    cons = np.array([0.02, 0.02, 0.02, 200.0])
+    hand = 1.0 + bn / bn.mean() + cons / cons.mean()
+    np.testing.assert_allclose(scores["0"], hand, rtol=1e-9)
+    with pytest.raises(MocoError, match="pass example_input"):
+        select_one_shot(model, 0.5, layers=["0"], importance="group_l1")
+    with pytest.raises(MocoError, match="importance must be one of"):
+        select_one_shot(model, 0.5, layers=["0"], example_input=x, importance="taylor")
+
+
+def test_group_importance_on_a_user_se_resnet_keeps_groups_consistent():
+    from test_user_models import SEResNet, seeded
+
+    from moco.compress.surgery import apply
+
+    model = seeded(SEResNet())
+    x = torch.randn(2, 1, 28, 28)
+    for criterion in ("group_l1", "group_l2", "bn_scale"):
+        keep = select_one_shot(model, 0.5, example_input=x, importance=criterion)
+        assert keep["conv"] == keep["block1.conv2"] == keep["block1.se.fc2"]
+        assert apply(model, keep, x)(x).shape == (2, 10)
+
+
+def test_pruner_result_protocol():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 1, 8, 8, generator=g), torch.randint(0, 3, (60,), generator=g)
+    pruner = IterativePruner(["0"], drop_threshold=0.5, step=0.5, retrain_samples=30, progress=False)
+    assert "unfitted" in str(pruner)
+    pruner.fit(model, (x, y), (x, y))
+    text = pruner.to_text()
+    assert str(pruner) == text and "accuracy_retrained" in text and "steps accepted" in text
+    import json
+
+    d = json.loads(json.dumps(pruner.to_dict()))
+    assert d["keep"] == {k: list(v) for k, v in pruner.keep_.items()} and len(d["log"]) == len(pruner.log_)
+    assert pruner.to_frame().equals(pruner.to_dataframe())
+
+
+def test_compare_importance_same_macs_same_finetuning():
+    from test_user_models import SEResNet
+
+    from moco.compress.prune import compare_importance
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(120, 1, 16, 16, generator=g), torch.randint(0, 10, (120,), generator=g)
+    model = SEResNet(width=8).eval()
+    result = compare_importance(model, (x, y), (x, y), example_input=x[:1], macs_reduction=1.5,
+                                criteria=("l1", "bn_scale"), finetune_samples=60, batch_size=32)
+    assert [r.criterion for r in result.rows] == ["l1", "bn_scale"]
+    assert all(r.macs_reduction >= 1.5 for r in result.rows)
+    assert result.rows[0].macs_reduction == pytest.approx(result.rows[1].macs_reduction)  # equal budgets
+    assert 0 < result.ratio < 0.95 and result.best in ("l1", "bn_scale")
+    import json
+
+    json.dumps(result.to_dict())
+    assert str(result) == result.to_text() and "best:" in result.to_text()

@@ -5,7 +5,15 @@ physically smaller dense model.
 * :func:`l1_importance` -- Li et al. 2017, "Pruning Filters for Efficient ConvNets": the importance of
   an output unit is the sum of the absolute values of its weights (a ``Conv2d`` filter
   ``W[c]`` of shape ``(Cin/groups, kH, kW)``, a ``Linear`` row ``W[j]``); the bias is not counted.
-* :func:`select_one_shot` -- remove a fraction of the units at once, per layer or globally.
+* :func:`group_importance` -- Torch-Pruning's *group* importance: a unit's score summed over every layer
+  of its dependency group (the producing convs/linears' filters, the input-channel slices of the layers
+  that consume it and the BatchNorm scales), by L1 or L2 magnitude, or Network Slimming's BatchNorm
+  scale ``|gamma|`` alone.
+* :func:`select_one_shot` -- remove a fraction of the units at once, per layer or globally, by any of
+  those criteria (``importance="l1"`` (producers only, the default), ``"group_l1"``, ``"group_l2"``,
+  ``"bn_scale"``).
+* :func:`compare_importance` -- the same MAC budget and fine-tuning for several criteria, to measure
+  which keeps more accuracy on a given model.
 * :class:`IterativePruner` -- seed 003's Step-3 loop, batched so it runs in minutes: remove the least
   important units of one layer, retrain briefly with the removed units held at zero, log accuracy
   before the prune, after it and after retraining, and stop (rolling the step back) when the
@@ -35,6 +43,11 @@ from tqdm.auto import tqdm
 
 from moco.batches import as_tensors
 from moco.errors import MocoError
+
+__all__ = [
+    "IMPORTANCE_CRITERIA", "ImportanceComparison", "ImportanceRow", "IterativePruner", "PRUNABLE_TYPES", "PruneStep",
+    "compare_importance", "group_importance", "l1_importance", "masked_copy", "masked_equivalent", "select_one_shot",
+]
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -114,6 +127,83 @@ def l1_importance(model: nn.Module, layers: Iterable[str] | str | None = None) -
     return out
 
 
+IMPORTANCE_CRITERIA = ("l1", "group_l1", "group_l2", "bn_scale")
+"""Criteria :func:`select_one_shot` accepts: producers' L1 (Li et al.), group L1 / L2 (Torch-Pruning), BN scale."""
+
+
+@torch.no_grad()
+def group_importance(model: nn.Module, example_input: Any, criterion: str = "group_l1") -> dict[str, np.ndarray]:
+    """Importance of every unit of every prunable dependency group, summed over the whole group.
+
+    The model is traced (:func:`moco.compress.surgery.dependency_groups`); for each group (keyed by its
+    first layer, ``ChannelGroup.layers[0]``, whose unit ``i`` is the group's unit ``i``) every tensor
+    slice that belongs to a unit contributes: the filter / row of each producing ``Conv2d`` /
+    ``Linear``, the input-channel slice ``W[:, j]`` of each consuming ungrouped conv or linear (a
+    ``Linear`` after ``flatten`` contributes the ``H*W`` columns of the channel), and ``|gamma|`` of
+    each BatchNorm on those channels. ``criterion``:
+
+    * ``"group_l1"``: sum of ``|w|`` per slice; ``"group_l2"``: sum of ``w**2`` per slice;
+    * ``"bn_scale"``: ``|gamma|`` of the group's BatchNorms only (Network Slimming, Liu et al. 2017);
+      a group without BatchNorm falls back to ``"group_l1"``.
+
+    Each layer's contribution is divided by its mean over the group's units before the layers are
+    summed (layers of different fan-in are comparable; Torch-Pruning's "mean" normalisation), so the
+    scores are dimensionless, larger is more important. Returns ``{leader: float64 [units]}``; the model
+    is not modified.
+    """
+    from moco.compress.surgery.analysis import analyse, groups_of
+
+    _check_model(model)
+    if criterion not in ("group_l1", "group_l2", "bn_scale"):
+        raise MocoError(f"criterion must be 'group_l1', 'group_l2' or 'bn_scale', got {criterion!r}")
+    analysis = analyse(copy.deepcopy(model), example_input)
+    modules = dict(analysis.model.named_modules())
+    power = 2 if criterion == "group_l2" else 1
+    # per layer: {root: summed magnitude} of the slices belonging to each unit class
+    per_layer: dict[tuple[str, str], dict[int, float]] = {}
+
+    def add(key: tuple[str, str], roots: np.ndarray, values: np.ndarray) -> None:
+        acc = per_layer.setdefault(key, {})
+        for r, v in zip(roots.tolist(), values.tolist()):
+            acc[r] = acc.get(r, 0.0) + v
+
+    for name, producer in analysis.producers.items():
+        w = modules[name].weight.detach().double()
+        add(("out", name), analysis.units.roots(producer.ids), w.abs().pow(power).reshape(w.shape[0], -1).sum(1).numpy())
+    for call in analysis.calls:
+        module = modules[call.module]
+        roots = analysis.units.roots(call.in_slots)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.weight is not None:
+                add(("bn", call.module), roots, module.weight.detach().double().abs().pow(power).numpy())
+        elif isinstance(module, (nn.Conv2d, nn.Linear)) and getattr(module, "groups", 1) == 1:
+            w = module.weight.detach().double()
+            cols = w.abs().pow(power).transpose(0, 1).reshape(w.shape[1], -1).sum(1).numpy()
+            add(("in", call.module), roots, cols)
+    scores: dict[str, np.ndarray] = {}
+    for group in groups_of(analysis):
+        if not group.prunable:
+            continue
+        leader = analysis.producers[group.layers[0]]
+        roots = analysis.units.roots(leader.ids)
+        total = np.zeros(len(roots))
+        kinds = ("bn",) if criterion == "bn_scale" else ("out", "in", "bn")
+        for attempt in (kinds, ("out", "in", "bn")):
+            for (kind, _), acc in per_layer.items():
+                if kind not in attempt:
+                    continue
+                vec = np.array([acc.get(int(r), np.nan) for r in roots])
+                if np.isnan(vec).all():
+                    continue
+                vec = np.nan_to_num(vec, nan=0.0)
+                mean = vec.mean()
+                total += vec / mean if mean > 0 else vec
+            if total.any() or attempt != kinds:
+                break
+        scores[group.layers[0]] = total
+    return scores
+
+
 def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> list[tuple[str, ...]]:
     """Pruning groups: tuples of layers whose units are tied (pruned with the same indices).
 
@@ -167,6 +257,7 @@ def select_one_shot(
     layers: Iterable[str] | str | None = None,
     example_input: torch.Tensor | None = None,
     min_units: int = 1,
+    importance: str = "l1",
 ) -> dict[str, list[int]]:
     """Choose the units to keep when removing a fraction ``ratio`` of them at once by L1 importance.
 
@@ -181,6 +272,10 @@ def select_one_shot(
     (:func:`moco.compress.surgery.dependency_groups`): tied layers (e.g. the convolutions feeding a
     residual add) are pruned with the same indices, scored by the mean of their normalised L1, and the
     output layer is refused. Returns ``{layer: sorted kept indices}`` for :func:`moco.compress.surgery.apply`.
+
+    ``importance``: ``"l1"`` (default: the producing layers' filter L1, as above), or a group criterion
+    of :func:`group_importance` (``"group_l1"``, ``"group_l2"``, ``"bn_scale"``: scored over the whole
+    dependency group, consumers and BatchNorms included; needs ``example_input``).
     """
     _check_model(model)
     ratio = _as_fraction(ratio, "ratio")
@@ -190,12 +285,26 @@ def select_one_shot(
         raise MocoError(f"scope must be 'layer' or 'global', got {scope!r}")
     if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 1:
         raise MocoError(f"min_units must be an int >= 1, got {min_units!r}")
+    if importance not in IMPORTANCE_CRITERIA:
+        raise MocoError(f"importance must be one of {IMPORTANCE_CRITERIA}, got {importance!r}")
+    if importance != "l1" and example_input is None:
+        raise MocoError(f"importance={importance!r} scores units over their dependency group, found by tracing: "
+                        "pass example_input= (one input batch)")
     names = None if layers is None else _layer_list(model, layers)
     groups = _groups(model, names, example_input)
     if not groups:
         raise MocoError("no prunable layers found")
-    importance = l1_importance(model, sorted({n for g in groups for n in g}))
-    scores = [_group_scores(importance, g) for g in groups]
+    if importance == "l1":
+        l1 = l1_importance(model, sorted({n for g in groups for n in g}))
+        scores = [_group_scores(l1, g) for g in groups]
+    else:
+        by_leader = group_importance(model, example_input, importance)
+        scores = []
+        for g in groups:
+            leader = next((n for n in g if n in by_leader), None)
+            if leader is None:
+                raise MocoError(f"layers {list(g)} are not a prunable dependency group of the traced model")
+            scores.append(by_leader[leader])
     removed: list[set[int]] = [set() for _ in groups]
     if scope == "layer":
         for i, s in enumerate(scores):
@@ -664,3 +773,166 @@ class IterativePruner:
             "accepted_steps": sum(s.accepted for s in self.log_),
             "seconds": self.seconds_,
         }
+
+    # ------------------------------------------------------------------ result protocol
+    def to_frame(self):
+        """The pruning log as a pandas DataFrame (:meth:`to_dataframe`)."""
+        return self.to_dataframe()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: :meth:`summary`, ``keep_`` and every step of the log."""
+        if not hasattr(self, "log_"):
+            raise MocoError("call fit(model, train_data, val_data) before to_dict()")
+        return {**self.summary(), "keep": {k: list(v) for k, v in self.keep_.items()},
+                "log": [s.to_dict() for s in self.log_]}
+
+    def to_text(self) -> str:
+        """The whole log as a table (every column, no truncation) and the summary line."""
+        if not hasattr(self, "log_"):
+            return f"IterativePruner(layers={list(self.layers)}, drop_threshold={self.drop_threshold}, unfitted)"
+        frame = self.to_dataframe().drop(columns=["removed"], errors="ignore")
+        s = self.summary()
+        units = ", ".join(f"{k}: {s['units_before'][k]} -> {v}" for k, v in s["units_after"].items())
+        return (frame.to_string() + f"\nunits {units}; validation accuracy {s['accuracy_base_val']:.4f} -> "
+                f"{s['accuracy_val']:.4f}; {s['accepted_steps']} of {s['steps']} steps accepted in {s['seconds']:.1f} s")
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+# ------------------------------------------------------------------------------ comparing criteria
+
+
+@dataclass(frozen=True)
+class ImportanceRow:
+    """One criterion of :func:`compare_importance`: accuracy (fraction) right after the cut and after fine-tuning."""
+
+    criterion: str
+    macs_reduction: float
+    accuracy_pruned: float
+    accuracy_finetuned: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ImportanceComparison:
+    """The result of :func:`compare_importance`: same MAC budget, same fine-tuning, one row per criterion.
+
+    ``ratio``: the per-layer fraction of units removed (the same for every criterion, so the MACs are
+    equal); ``base_accuracy``: the original model on the evaluation data (fraction); ``rows``.
+    """
+
+    ratio: float
+    base_accuracy: float
+    macs_target: float
+    finetune: dict
+    rows: tuple[ImportanceRow, ...]
+
+    @property
+    def best(self) -> str:
+        """The criterion with the highest accuracy after fine-tuning (first on ties)."""
+        return max(self.rows, key=lambda r: r.accuracy_finetuned).criterion
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field, ``best`` included."""
+        return {"ratio": self.ratio, "base_accuracy": self.base_accuracy, "macs_target": self.macs_target,
+                "finetune": dict(self.finetune), "best": self.best, "rows": [asdict(r) for r in self.rows]}
+
+    def to_frame(self):
+        """One row per criterion (pandas DataFrame)."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(r) for r in self.rows])
+
+    def to_text(self) -> str:
+        """The table (every column) and which criterion kept the most accuracy."""
+        frame = self.to_frame()
+        frame["drop_points"] = 100.0 * (self.base_accuracy - frame["accuracy_finetuned"])
+        return (f"{self.ratio:.3f} of every group's units removed (>= {self.macs_target:g}x fewer MACs), "
+                f"original accuracy {self.base_accuracy:.4f}; fine-tuning {self.finetune}\n"
+                + frame.to_string(index=False) + f"\nbest: {self.best}")
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _ratio_for_macs(model: nn.Module, example_input: Any, target: float) -> tuple[float, float]:
+    """Smallest per-layer removal ratio (bisection, 1e-3) whose one-shot cut reaches ``target``x fewer MACs."""
+    from moco.compress.surgery import apply
+    from moco.profile import profile
+
+    base = profile(model, example_input, latency=False).totals.macs
+
+    def reduction(ratio: float) -> float:
+        small = apply(model, select_one_shot(model, ratio, example_input=example_input), example_input)
+        return base / profile(small, example_input, latency=False).totals.macs
+
+    lo, hi = 0.0, 0.95
+    if reduction(hi) < target:
+        raise MocoError(f"even removing 95% of every layer's units gives only {reduction(hi):.2f}x fewer MACs; "
+                        f"ask for less than {target}x")
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        if reduction(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi, reduction(hi)
+
+
+def compare_importance(
+    model: nn.Module,
+    train_data: Any,
+    eval_data: Any,
+    *,
+    example_input: torch.Tensor,
+    macs_reduction: float = 2.0,
+    criteria: Sequence[str] = IMPORTANCE_CRITERIA,
+    finetune_epochs: int = 1,
+    finetune_samples: int | None = 10_000,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> ImportanceComparison:
+    """Which importance criterion keeps more accuracy at the same MACs after the same fine-tuning?
+
+    Finds the per-layer removal ratio that reaches ``macs_reduction`` x fewer MACs (bisection; every
+    criterion removes the same number of units per dependency group, so the MACs are equal), then for
+    each criterion: one-shot selection (:func:`select_one_shot`), surgery, accuracy on ``eval_data``,
+    ``finetune_epochs`` of fine-tuning on the same seeded subset of ``finetune_samples`` training samples
+    (cosine schedule), accuracy again. ``train_data`` / ``eval_data``: ``(x, y)`` tensors or datasets
+    with ``.tensors()`` (use a validation split, not the test set, to *choose* a criterion). The model
+    is not modified.
+    """
+    from moco.compress.finetune import finetune
+    from moco.compress.surgery import apply
+    from moco.train import evaluate
+
+    _check_model(model)
+    bad = [c for c in criteria if c not in IMPORTANCE_CRITERIA]
+    if bad or not criteria:
+        raise MocoError(f"criteria must be a non-empty list from {IMPORTANCE_CRITERIA}, got {list(criteria)!r}")
+    x_tr, y_tr = _labelled_tensors(train_data, "train_data")
+    x_ev, y_ev = _labelled_tensors(eval_data, "eval_data")
+    ratio, _ = _ratio_for_macs(model, example_input, float(macs_reduction))
+    base = _evaluate(model, x_ev, y_ev, batch_size)
+    idx = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(seed))
+    if finetune_samples is not None:
+        idx = idx[:finetune_samples]
+    from moco.profile import profile
+
+    base_macs = profile(model, example_input, latency=False).totals.macs
+    rows = []
+    for criterion in criteria:
+        t0 = time.perf_counter()
+        keep = select_one_shot(model, ratio, example_input=example_input, importance=criterion)
+        small = apply(model, keep, example_input)
+        macs = base_macs / profile(small, example_input, latency=False).totals.macs
+        pruned = evaluate(small, (x_ev, y_ev), batch_size=max(batch_size, 1000)).accuracy
+        finetune(small, (x_tr[idx], y_tr[idx]), epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                 schedule="cosine", progress=False)
+        tuned = evaluate(small, (x_ev, y_ev), batch_size=max(batch_size, 1000)).accuracy
+        rows.append(ImportanceRow(criterion, float(macs), pruned, tuned, time.perf_counter() - t0))
+    return ImportanceComparison(ratio, base, float(macs_reduction),
+                                {"epochs": finetune_epochs, "samples": len(idx), "lr": lr, "schedule": "cosine"},
+                                tuple(rows))

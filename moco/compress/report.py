@@ -122,6 +122,19 @@ class CompressionReport:
             "comparison": self.comparison.to_dict(),
         }
 
+    def to_frame(self):
+        """The before/after table as a pandas DataFrame: params, MACs, FLOPs (per sample) and accuracy."""
+        import pandas as pd
+
+        return pd.DataFrame({
+            "quantity": ["params", "macs_per_sample", "flops_per_sample", "accuracy"],
+            "original": [self.params_before, self.macs_before, self.flops_before, self.accuracy_before],
+            "compressed": [self.params_after, self.macs_after, self.flops_after, self.accuracy_after],
+        })
+
+    def __str__(self) -> str:
+        return self.to_text()
+
     def to_text(self) -> str:
         """Two readable tables: size/work/accuracy before and after, then the side-by-side timing."""
         def count(v: float) -> str:
