@@ -100,7 +100,7 @@ CELL_COST: dict[str, int] = {"AND": 6, "OR": 6, "XOR": 12, "MUX": 12, "HA": 18, 
 
 #: published power figures: name prefix -> (what the paper measured, saving as a fraction or None)
 PUBLISHED: dict[str, tuple[str, float | None]] = {
-    "trunc": ("Schulte et al. 1993 (truncated with correction constant): 29-40% less power at 16 and 32 bits; "
+    "trunc": ("Schulte, Stine & Jansen 1999 (truncated with carry estimate): 29-40% less power at 16 and 32 bits; "
               "no 8-bit figure", None),
     "bam": ("Mahdiani et al. 2010: savings reported per break level for other widths; no signed 8-bit figure here",
             None),
