@@ -1,4 +1,5 @@
-"""The ``moco`` command: ``demo``, ``profile``, ``bench`` and ``data check``.
+"""The ``moco`` command: ``demo``, ``run``, the one-step method commands (``profile``, ``prune``, ``pfa``,
+``exits``, ``rules``, ``export``), ``bench`` and ``data check``.
 
 Errors a user can cause end with exit code 2 and one line on stderr (``moco: error: ...``), never a
 traceback; ``MOCO_DEBUG=1`` shows the traceback for bug reports.
@@ -26,6 +27,28 @@ def _add_seed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, else 0)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (they are shown only when stderr is a terminal)")
+
+
+#: the one-step commands: method -> help line
+METHOD_COMMANDS = {
+    "profile": "per-module params, MACs, FLOPs, activation bytes and latency",
+    "prune": "L1 filter pruning with retraining to a smaller dense model (seed 003)",
+    "pfa": "Principal Filter Analysis, accuracy-targeted, to a smaller dense model (seed 001)",
+    "exits": "learned early exits with a certified accuracy-drop bound (seed 004)",
+    "rules": "certified linear rules for early exit at one layer (seed 000)",
+    "export": "ONNX Runtime deployment (FP32, or int8 with --set int8=true), checked against PyTorch",
+}
+
+
+def _progress(args) -> bool:
+    """Bars only on a terminal: a log file or a pipe gets no carriage-return noise."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``moco`` command."""
     from moco import __version__
@@ -48,18 +71,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_seed(demo)
 
-    prof = sub.add_parser("profile", help="per-module params, MACs, FLOPs, activation bytes and latency")
-    prof.add_argument("model", help="a zoo model name (see 'moco profile --list') or a moco checkpoint file")
-    prof.add_argument("--list", action="store_true", help="list the zoo models and exit")
-    prof.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
-    prof.add_argument("--input-shape", default=None, help="one sample's shape C,H,W (default: the model's)")
-    prof.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
-                      help="model constructor argument, e.g. --arg width_multiplier=0.5 (repeatable)")
-    prof.add_argument("--no-latency", action="store_true", help="count only; skip the latency measurement")
-    prof.add_argument("--repeats", type=int, default=10, help="timed forward passes for latency (default 10)")
-    prof.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of MACs and latency per layer")
-    prof.add_argument("--json", default=None, metavar="FILE", help="write the profile as JSON")
-    _add_seed(prof)
+    run = sub.add_parser("run", help="run the steps of a TOML config on your model and data; one report",
+                         description="Run the [[steps]] of CONFIG (a TOML file: [model], [data], [[steps]]; see "
+                         "examples/) in order, each on the previous step's model. Writes DIR/NN-method/ per step, "
+                         "DIR/report.md and DIR/report.json; the last stdout line is JSON.")
+    run.add_argument("config", help="the TOML file")
+    run.add_argument("--out", default=None, help="output folder (default moco-out/<config name>)")
+    run.add_argument("--set", action="append", default=[], metavar="[N.]KEY=VALUE",
+                     help="override a step parameter (N: step number, default every step that has KEY), "
+                          "e.g. --set 1.epochs=2 (repeatable)")
+    run.add_argument("--no-timing", action="store_true", help="skip the side-by-side timing (faster)")
+    run.add_argument("--train-size", type=int, default=None, help="override [data] train_size (a seeded subset)")
+    run.add_argument("--test-size", type=int, default=None, help="override [data] test_size (a seeded subset)")
+    _add_common(run)
+
+    for method, summary in METHOD_COMMANDS.items():
+        m = sub.add_parser(method, help=summary,
+                           description=f"{summary}. One step of 'moco run' without a config file; same outputs.")
+        m.add_argument("model", nargs="?" if method == "profile" else None,
+                       help="model spec: a zoo name, path/to/file.py:Name or package.module:Name"
+                            + (" (or a moco checkpoint file)" if method == "profile" else ""))
+        m.add_argument("--weights", default=None, help="state_dict, moco or Lightning checkpoint file")
+        m.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="model constructor argument, e.g. --arg width=16 (repeatable)")
+        m.add_argument("--input-shape", default=None, help="one sample's shape C,H,W (default: the model's or the data's)")
+        m.add_argument("--data", default=None, help="training data: dataset name[:train], file.npz or image folder")
+        m.add_argument("--test", default=None, help="test data (default: the dataset's test split)")
+        m.add_argument("--normalize", default=None, help="'true' (the dataset's mean/std) or MEAN,STD")
+        m.add_argument("--train-size", type=int, default=None, help="use a seeded subset of the training data")
+        m.add_argument("--test-size", type=int, default=None, help="use a seeded subset of the test data")
+        m.add_argument("--out", default=None, help=f"output folder (default moco-out/{method})")
+        m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"a {method} parameter (see 'moco run --help' and the README), repeatable")
+        m.add_argument("--no-timing", action="store_true", help="skip the side-by-side timing")
+        if method == "profile":
+            m.add_argument("--list", action="store_true", help="list the zoo models and exit")
+            m.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
+            m.add_argument("--no-latency", action="store_true", help="count only; skip the latency measurement")
+            m.add_argument("--repeats", type=int, default=3, help="timed forward passes for latency (default 3)")
+            m.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of MACs and latency per layer")
+            m.add_argument("--json", default=None, metavar="FILE", help="write the profile as JSON")
+        _add_common(m)
 
     bench = sub.add_parser("bench", help="run a registered benchmark; last stdout line is JSON")
     bench.add_argument("name", nargs="?", help="benchmark name (omit, or --list, to list them)")
@@ -85,6 +137,36 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def _kwargs(items: Sequence[str], flag: str) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise MocoError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = _parse_value(value)
+    return out
+
+
+def _shape(text: str | None):
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise MocoError(f"--input-shape expects integers like 1,28,28, got {text!r}") from None
+
+
+def _check_output_file(path: str | None, flag: str) -> None:
+    """Fail before the work, not after it, for an output path that cannot be a file."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise MocoError(f"{flag} {path} is a folder; give a file name")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise MocoError(f"{flag} {path}: {p.parent} is not a folder")
+
+
 def _cmd_profile(args) -> int:
     import torch
 
@@ -96,34 +178,45 @@ def _cmd_profile(args) -> int:
             spec = get_spec(name)
             print(f"{name:14s} input {'x'.join(map(str, spec.input_shape)):9s} {spec.summary}")
         return 0
-    kwargs = {}
-    for item in args.arg:
-        if "=" not in item:
-            raise MocoError(f"--arg expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        kwargs[key] = _parse_value(value)
-    if Path(args.model).is_file():
+    if not args.model:
+        raise MocoError("give a model spec (zoo name, file.py:Name, package.module:Name) or a checkpoint file")
+    _check_output_file(args.plot, "--plot")
+    _check_output_file(args.json, "--json")
+    if args.batch < 1:
+        raise MocoError(f"--batch must be >= 1, got {args.batch}")
+    kwargs = _kwargs(args.arg, "--arg")
+    shape = _shape(args.input_shape)
+    if Path(args.model).is_file() and not args.model.endswith(".py"):
         from moco.train import load_checkpoint
 
         model, meta = load_checkpoint(args.model)
         arch = meta.get("arch") or {}
-        shape = input_shape(arch["name"], **arch.get("kwargs", {}))
+        shape = shape or input_shape(arch["name"], **arch.get("kwargs", {}))
         label = f"{args.model} ({arch['name']})"
-    elif args.model in list_models():
-        model = create(args.model, **kwargs).eval()
-        shape = input_shape(args.model, **kwargs)
+    elif args.model in list_models() and not args.weights:
+        try:
+            model = create(args.model, **kwargs).eval()
+        except TypeError as exc:
+            raise MocoError(str(exc)) from None
+        shape = shape or input_shape(args.model, **kwargs)
         label = args.model
     else:
-        raise MocoError(f"{args.model!r} is neither a file nor a zoo model; zoo models: {', '.join(list_models())}")
-    if args.input_shape:
-        try:
-            shape = tuple(int(s) for s in args.input_shape.split(","))
-        except ValueError:
-            raise MocoError(f"--input-shape expects integers like 1,28,28, got {args.input_shape!r}") from None
-    if args.batch < 1:
-        raise MocoError(f"--batch must be >= 1, got {args.batch}")
-    torch.manual_seed(args.seed)
-    x = torch.randn(args.batch, *shape)
+        from moco.specs import resolve_model
+
+        resolved = resolve_model(args.model, weights=args.weights, args=kwargs, input_shape=shape,
+                                 require_weights=False, seed=args.seed or 0)
+        model, label, shape = resolved.model, resolved.label, shape or resolved.input_shape
+    seed = args.seed or 0
+    if args.data:
+        from moco.specs import resolve_data
+
+        data = resolve_data(args.data, split="train", normalize=_normalize_arg(args.normalize))
+        x = data.x[: args.batch]
+    else:
+        if shape is None:
+            raise MocoError(f"the input shape of {label} is unknown; give --input-shape C,H,W or --data")
+        torch.manual_seed(seed)
+        x = torch.randn(args.batch, *shape)
     prof = profile(model, x, latency=not args.no_latency, repeats=args.repeats)
     print(f"profile of {label}, input {tuple(x.shape)}")
     print(prof.to_text())
@@ -134,6 +227,98 @@ def _cmd_profile(args) -> int:
 
         print(f"json: {write_json_atomic(args.json, prof.to_dict())}")
     return 0
+
+
+def _normalize_arg(text: str | None):
+    if text is None:
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        mean, std = (float(v) for v in text.split(","))
+    except ValueError:
+        raise MocoError(f"--normalize expects 'true' or MEAN,STD, got {text!r}") from None
+    return [mean, std]
+
+
+def _set_overrides(items: Sequence[str], n_steps: int) -> dict[int | None, dict]:
+    from moco.run import parse_set_options
+
+    out: dict[int | None, dict] = {}
+    for key, value in parse_set_options(items).items():
+        head, dot, tail = key.partition(".")
+        if dot and head.isdigit():
+            index = int(head)
+            if not 1 <= index <= n_steps:
+                raise MocoError(f"--set {key}: there is no step {index} (the config has {n_steps})")
+            out.setdefault(index, {})[tail] = value
+        else:
+            out.setdefault(None, {})[key] = value
+    return out
+
+
+def _finish_run(result) -> int:
+    import json
+
+    print(result.to_text())
+    print(json.dumps(result.summary(), sort_keys=True))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from moco.run import config_from_dict, load_config, run_config
+    from moco.run.steps import STEP_PARAMS
+
+    cfg = load_config(args.config)
+    doc = cfg.to_dict()
+    overrides = _set_overrides(args.set, len(cfg.steps))
+    for i, step in enumerate(doc["steps"], 1):
+        for key, value in overrides.get(None, {}).items():
+            if key in STEP_PARAMS.get(step["method"], {}):
+                step[key] = value
+        step.update(overrides.get(i, {}))
+    unused = [k for k in overrides.get(None, {}) if not any(k in STEP_PARAMS.get(s["method"], {}) for s in doc["steps"])]
+    if unused:
+        raise MocoError(f"--set {', '.join(unused)}: no step of {args.config} has such a parameter")
+    if args.seed is not None:
+        doc["seed"] = args.seed
+    if args.no_timing:
+        doc.setdefault("measure", {})["timing"] = False
+    for key in ("train_size", "test_size"):
+        if getattr(args, key) is not None:
+            doc["data"][key] = getattr(args, key)
+    cfg = config_from_dict(doc, base_dir=cfg.base_dir, source=cfg.source)
+    out = args.out or str(Path("moco-out") / Path(args.config).stem)
+    return _finish_run(run_config(cfg, out, progress=_progress(args), echo=_echo))
+
+
+def _echo(line: str) -> None:
+    print(line, file=sys.stderr if sys.stderr.isatty() else sys.stdout, flush=True)
+
+
+def _cmd_method(args) -> int:
+    from moco.run import config_from_dict, parse_set_options, run_config
+
+    if not args.data:
+        raise MocoError(f"moco {args.command} needs --data (a dataset name, an .npz file or an image folder)")
+    model = {"spec": args.model, "args": _kwargs(args.arg, "--arg")}
+    if args.weights:
+        model["weights"] = args.weights
+    if args.input_shape:
+        model["input_shape"] = _shape(args.input_shape)
+    data = {"train": args.data}
+    for key in ("test", "train_size", "test_size"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.normalize is not None:
+        data["normalize"] = _normalize_arg(args.normalize)
+    doc = {"seed": args.seed or 0, "model": model, "data": data,
+           "steps": [{"method": args.command, **parse_set_options(args.set)}]}
+    if args.no_timing:
+        doc["measure"] = {"timing": False}
+    cfg = config_from_dict(doc, base_dir=Path.cwd(), source=f"moco {args.command}")
+    out = args.out or str(Path("moco-out") / args.command)
+    return _finish_run(run_config(cfg, out, progress=_progress(args), echo=_echo))
 
 
 def _cmd_bench(args) -> int:
@@ -174,12 +359,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(
                 dataset=args.dataset, root=args.data_root, train_size=args.train_size, epochs=args.epochs,
-                out=args.out, seed=args.seed, progress=not args.no_progress,
+                out=args.out, seed=args.seed, progress=not args.no_progress and sys.stderr.isatty(),
             )
             return 0
-        if args.command == "profile":
+        if args.command == "profile" and (args.list or not (args.out and args.data)):
             return _cmd_profile(args)
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command in METHOD_COMMANDS:
+            return _cmd_method(args)
         if args.command == "bench":
+            _check_output_file(args.json, "--json")
             return _cmd_bench(args)
         if args.command == "data":
             return _cmd_data(args, parser)

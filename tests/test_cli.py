@@ -22,7 +22,7 @@ def test_help_lists_the_commands():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["profile", "vgg99"], "neither a file nor a zoo model"),
+    (["profile", "vgg99"], "is neither a zoo model"),
     (["profile", "seed_cnn", "--input-shape", "3,32,32", "--no-latency"], "input shape"),
     (["profile", "seed_cnn", "--arg", "width"], "KEY=VALUE"),
     (["bench", "no-such-bench"], "no-such-bench"),

@@ -9,6 +9,9 @@ A head *factory* builds a head for an activation shape (without the batch dimens
   pool and linear. Much stronger on early, low-level feature maps, at the price of one small conv.
 * :func:`sep_conv_pool_linear` (``"sep_conv_pool_linear"``): depthwise-separable conv blocks, then pool
   and linear: a deeper head for an early point at few MACs.
+* ``"auto"`` (the default of ``attach_exits``): per point the strongest of these that costs at most 5%
+  of the model's MACs (:func:`choose_head`), so a small model does not pay more for its heads than
+  its exits save.
 
 Any callable ``factory(in_shape, num_classes) -> nn.Module`` works as a custom head; it must map
 ``[B, *in_shape]`` to logits ``[B, num_classes]`` (checked when the exits are attached).
@@ -25,7 +28,8 @@ from torch import nn
 from moco.errors import MocoError
 
 __all__ = ["PoolLinearHead", "ConvPoolLinearHead", "SepConvPoolLinearHead", "HeadFactory", "pool_linear",
-           "conv_pool_linear", "sep_conv_pool_linear", "get_head_factory", "head_spec"]
+           "conv_pool_linear", "sep_conv_pool_linear", "choose_head", "get_head_factory", "head_spec",
+           "head_macs"]
 
 
 class PoolLinearHead(nn.Module):
@@ -168,6 +172,34 @@ def sep_conv_pool_linear(*, widths: tuple[int, ...] | list[int] = (64, 128, 256)
 
 _BUILT_IN = {"pool_linear": pool_linear, "conv_pool_linear": conv_pool_linear,
              "sep_conv_pool_linear": sep_conv_pool_linear}
+
+
+def head_macs(factory: Callable[[tuple[int, ...], int], nn.Module], in_shape: tuple[int, ...], num_classes: int) -> int:
+    """**MACs per sample** of the head ``factory`` builds for ``in_shape`` (counted by the profiler)."""
+    from moco.profile import profile
+
+    head = factory(tuple(in_shape), num_classes).eval()
+    return int(profile(head, torch.zeros(1, *in_shape), latency=False).totals.macs)
+
+
+def choose_head(in_shape: tuple[int, ...], num_classes: int, max_macs: float) -> HeadFactory:
+    """The strongest built-in head for ``in_shape`` that costs at most ``max_macs`` MACs per sample.
+
+    Tried from strongest to cheapest: two conv blocks, one conv block of the default width, of the
+    input width, of half of it, then average-pool-to-2x2 + linear and global-pool + linear (always
+    taken last, whatever it costs: an exit needs some head). ``attach_exits(head="auto")`` uses it with
+    5% of the model's MACs, so that every head is small against the model it is attached to.
+    """
+    in_shape = tuple(int(s) for s in in_shape)
+    candidates: list[HeadFactory] = []
+    if len(in_shape) == 3:
+        c = in_shape[0]
+        candidates += [conv_pool_linear(depth=2), conv_pool_linear(), conv_pool_linear(channels=max(4, c)),
+                       conv_pool_linear(channels=max(4, c // 2)), pool_linear(pool_size=2)]
+    for factory in candidates:
+        if head_macs(factory, in_shape, num_classes) <= max_macs:
+            return factory
+    return pool_linear()
 
 
 def get_head_factory(head: Any) -> Callable[[tuple[int, ...], int], nn.Module]:

@@ -26,10 +26,13 @@ from torch import fx, nn
 
 from moco.errors import MocoError
 from moco.exits.criteria import Criterion, get_criterion
-from moco.exits.heads import get_head_factory, head_spec
+from moco.exits.heads import choose_head, get_head_factory, head_spec
 from moco.split import _LeafTracer, _cut, _describe, _is_plain_sequential, split_at, split_points
 
-__all__ = ["EarlyExitNetwork", "ExitCosts", "attach_exits", "auto_points"]
+__all__ = ["AUTO_HEAD_BUDGET", "EarlyExitNetwork", "ExitCosts", "attach_exits", "auto_points"]
+
+#: ``head="auto"``: each exit head costs at most this fraction of the model's MACs
+AUTO_HEAD_BUDGET = 0.05
 
 
 # ----------------------------------------------------------------------------------------- points
@@ -387,7 +390,7 @@ def attach_exits(
     points: Sequence[int | str] | int | str,
     *,
     example_input: torch.Tensor,
-    head: Any = "conv_pool_linear",
+    head: Any = "auto",
     criterion: str | Criterion = "entropy",
     thresholds: Sequence[float | None] | None = None,
     seed: int = 0,
@@ -402,7 +405,8 @@ def attach_exits(
             picks them from the profiler. The final exit is always the model's own output.
         example_input: a batch ``[N, ...]`` (``N >= 1``) the model accepts; used to find the
             activation shapes, check the heads and count MACs per sample with the profiler.
-        head: ``"conv_pool_linear"`` (default), ``"pool_linear"``, a factory from
+        head: ``"auto"`` (default: per point the strongest built-in head costing at most 5% of the
+            model's MACs, :func:`moco.exits.heads.choose_head`), ``"conv_pool_linear"``, ``"pool_linear"``, a factory from
             :mod:`moco.exits.heads`, any callable ``factory(in_shape, num_classes) -> nn.Module``,
             or a list of these, one per point.
         criterion: ``"entropy"`` (default, seed 004), ``"max_prob"`` or a :class:`Criterion`.
@@ -423,7 +427,7 @@ def attach_exits(
     factories = head if isinstance(head, (list, tuple)) else [head] * len(names)
     if len(factories) != len(names):
         raise MocoError(f"head is a list of {len(factories)} but there are {len(names)} exit points; give one per point")
-    factories = [get_head_factory(f) for f in factories]
+    factories = [f if isinstance(f, str) and f == "auto" else get_head_factory(f) for f in factories]
     crit = get_criterion(criterion)
     segments = _segments(model, names)
     example = example_input[:1].detach()
@@ -436,6 +440,10 @@ def attach_exits(
             if final.dim() != 2:
                 raise MocoError(f"the model must return logits [N, classes]; it returns shape {tuple(final.shape)}")
             num_classes = int(final.shape[1])
+            if any(isinstance(f, str) for f in factories):  # "auto": heads within 5% of the model's MACs each
+                budget = AUTO_HEAD_BUDGET * sum(_macs(seg, a) for seg, a in zip(segments, [example, *acts[:-1]]))
+                factories = [choose_head(tuple(a.shape[1:]), num_classes, budget) if isinstance(f, str) else f
+                             for f, a in zip(factories, acts[:-1])]
             heads: list[nn.Module] = []
             with torch.random.fork_rng():
                 torch.manual_seed(seed)

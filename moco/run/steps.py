@@ -1,0 +1,343 @@
+"""The methods a ``moco run`` step can name, each a function over the previous step's :class:`Stage`.
+
+Every method has a table of parameters with defaults chosen to give a sensible result on a small CNN
+(:data:`STEP_PARAMS`); a config or ``--set`` overrides any of them, and an unknown key is an error that
+lists the known ones. A step writes its artifacts (models, tables, plots) into its own folder and
+returns a :class:`StepOutcome`: the next stage, a JSON-safe summary, the text for the report, the
+certified bound where the method has one, and the files it wrote.
+
+Methods: ``profile`` (nothing changes), ``prune`` (seed 003's L1 prune-retrain loop with real
+surgery), ``pfa`` (Principal Filter Analysis, accuracy-targeted), ``exits`` (learned early exits with a
+certified accuracy-drop bound), ``rules`` (seed 000's certified linear rules), ``export`` (ONNX Runtime,
+FP32 or int8, one deployable folder).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from moco.errors import MocoError
+from moco.io import atomic_path, write_bytes_atomic, write_json_atomic
+from moco.results import frame_text, json_safe
+from moco.run.config import StepConfig
+from moco.run.stage import RunContext, Stage
+
+__all__ = ["STEP_METHODS", "STEP_PARAMS", "StepOutcome", "check_step", "run_step"]
+
+#: method -> parameter defaults (None: "choose for me", documented per method below)
+STEP_PARAMS: dict[str, dict[str, Any]] = {
+    "profile": {"batch": 1, "latency": True, "repeats": 3},
+    "prune": {"layers": None, "drop_threshold": 0.01, "step": 0.25, "retrain_samples": 4000, "retrain_epochs": 1,
+              "lr": 1e-3, "optimizer": "adam", "batch_size": 128, "max_steps": 40, "finetune_epochs": 1,
+              "finetune_lr": 5e-4, "distill": True},
+    "pfa": {"layers": None, "recipe": "kl", "energy_threshold": 0.99, "relative_size": 0.5, "unit_strategy": "l1max",
+            "targeted": True, "max_drop": 0.01, "fractions": [0.25, 0.5, 0.75, 1.0], "finetune_epochs": 1,
+            "finetune_samples": 10000, "lr": 1e-3, "distill": True, "introspect_samples": 2000, "batch_size": 128},
+    "exits": {"points": None, "head": "auto", "mode": "retrofit", "epochs": 2, "lr": 2e-3,
+              "batch_size": 128, "distillation": 0.0, "target": 0.01, "metric": "accuracy_drop", "confidence": 0.95,
+              "criterion": "entropy", "train_samples": None},
+    "rules": {"layer": None, "max_error": 0.002, "confidence": 0.95, "samples": 20000, "pooling": None,
+              "kind": "margin"},
+    "export": {"int8": False, "calibration_samples": 512, "threads": 1},
+}
+
+_PROTECTED = {"method"}
+
+
+@dataclass
+class StepOutcome:
+    """What a step returns: the next ``stage``, a JSON-safe ``summary``, the ``text`` for the report, the
+    ``certified`` bound ``{"what": ..., "bound": ..., ...}`` (or None) and the ``artifacts`` written."""
+
+    stage: Stage
+    summary: dict[str, Any]
+    text: str
+    certified: dict[str, Any] | None = None
+    artifacts: list[str] = field(default_factory=list)
+    changed: str = ""
+
+
+def check_step(method: Any, params: dict[str, Any], where: str) -> StepConfig:
+    """Validate one step: a known ``method`` and parameters it has (types like the defaults')."""
+    known = STEP_PARAMS
+    if not isinstance(method, str) or method not in known:
+        raise MocoError(f"{where}: method must be one of {', '.join(sorted(known))}, got {method!r}")
+    defaults = known[method]
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise MocoError(f"{where} ({method}): unknown parameter(s) {', '.join(unknown)}; "
+                        f"{method} takes: {', '.join(sorted(defaults))}")
+    for key, value in params.items():
+        default = defaults[key]
+        if default is None or value is None:
+            continue
+        ok = (isinstance(value, bool) if isinstance(default, bool)
+              else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
+              else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
+              else isinstance(value, type(default)))
+        if not ok:
+            raise MocoError(f"{where} ({method}): {key} must be a {type(default).__name__} like {default!r}, "
+                            f"got {value!r}")
+    return StepConfig(method, dict(params))
+
+
+def _params(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    defaults = STEP_PARAMS[method]
+    return {**copy.deepcopy(defaults), **given}
+
+
+def _write_text(path: Path, text: str) -> str:
+    write_bytes_atomic(path, (text.rstrip() + "\n").encode())
+    return str(path)
+
+
+def _save_model(model: torch.nn.Module, folder: Path, ctx: RunContext) -> list[str]:
+    """The model as JSON architecture + tensor-only weights (``model.json`` + ``model.pt``)."""
+    from moco.compress.surgery import save
+
+    save(model, folder / "model", arch=ctx.arch)
+    return [str(folder / "model.json"), str(folder / "model.pt")]
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+def _profile(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco.profile import profile
+
+    model = stage.model if stage.model is not None else stage.require_model("profile")
+    x = ctx.train.x[: max(1, int(p["batch"]))]
+    prof = profile(model, x, latency=bool(p["latency"]), repeats=int(p["repeats"]))
+    files = [_write_text(out / "profile.txt", prof.to_text()),
+             str(write_json_atomic(out / "profile.json", json_safe(prof.to_dict())))]
+    try:
+        files.append(str(prof.plot(out / "profile.png")))
+    except MocoError:
+        pass  # nothing to plot (no counted module)
+    macs = prof.per_sample("macs")
+    summary = {"macs": macs, "params": prof.totals.params, "bottleneck": prof.bottleneck,
+               "forward_time_s": prof.forward_time_s}
+    text = (f"bottleneck {prof.bottleneck!r}; {macs / 1e6:.3f} M MACs per sample; "
+            f"{prof.totals.params:,} parameters\n\n{prof.to_text()}")
+    return StepOutcome(stage, summary, text, None, files, "nothing (measurement only)")
+
+
+# -------------------------------------------------------------------------------------------- prune
+
+def default_prune_layers(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+    """One layer per prunable dependency group (tied layers are pruned together), in forward order."""
+    from moco.compress.surgery import dependency_groups
+
+    layers = [g.layers[0] for g in dependency_groups(model, example) if g.prunable and g.units > 1]
+    if not layers:
+        raise MocoError("the model has no prunable Conv2d/Linear layer (every unit is tied to the output or input)")
+    return layers
+
+
+def _prune(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco.compress.finetune import finetune
+    from moco.compress.prune import IterativePruner
+
+    model = stage.require_model("prune")
+    layers = p["layers"] or default_prune_layers(model, ctx.example)
+    pruner = IterativePruner(
+        layers, drop_threshold=float(p["drop_threshold"]), step=p["step"], retrain_samples=p["retrain_samples"],
+        retrain_epochs=int(p["retrain_epochs"]), lr=float(p["lr"]), optimizer=p["optimizer"],
+        batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example, max_steps=int(p["max_steps"]),
+        progress=ctx.progress,
+    ).fit(model, ctx.fit.tensors(), ctx.holdout.tensors())
+    small = pruner.small_
+    if p["finetune_epochs"]:
+        finetune(small, ctx.fit.tensors(), epochs=int(p["finetune_epochs"]), lr=float(p["finetune_lr"]),
+                 schedule="cosine", seed=ctx.seed, teacher=model if p["distill"] else None, progress=ctx.progress)
+    small.eval()
+    frame = pruner.to_dataframe()
+    files = _save_model(small, out, ctx)
+    with atomic_path(out / "pruning_log.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    files.append(str(out / "pruning_log.csv"))
+    kept = {k: len(v) for k, v in pruner.keep_.items()}
+    summary = {"layers": list(layers), "kept_units": kept, "units": dict(pruner.units_),
+               "accepted_steps": int(sum(1 for s in pruner.log_ if s.accepted)),
+               "val_accuracy_base": pruner.base_accuracy_, "val_accuracy_pruned": pruner.accuracy_}
+    units = ", ".join(f"{k} {pruner.units_[k]}->{n}" for k, n in kept.items())
+    text = f"kept units: {units}\n\n{frame_text(frame)}"
+    return StepOutcome(Stage("model", small, small), summary, text, None, files, f"pruned: {units}")
+
+
+# ---------------------------------------------------------------------------------------------- pfa
+
+def _pfa_strategy(p: dict):
+    from moco.compress.pfa import PFA
+
+    recipe = str(p["recipe"]).lower()
+    if recipe == "kl":
+        strategy = PFA.Strategy.KL()
+    elif recipe == "energy":
+        strategy = PFA.Strategy.Energy(energy_threshold=float(p["energy_threshold"]), min_kept_count=1)
+    elif recipe == "size":
+        strategy = PFA.Strategy.Size(relative_size=float(p["relative_size"]))
+    else:
+        raise MocoError(f"pfa recipe must be 'kl', 'energy' or 'size', got {p['recipe']!r}")
+    units = {"l1max": PFA.UnitSelectionStrategy.L1Max, "absmax": PFA.UnitSelectionStrategy.AbsMax,
+             "l1min": PFA.UnitSelectionStrategy.L1Min, "absmin": PFA.UnitSelectionStrategy.AbsMin}
+    key = str(p["unit_strategy"]).lower()
+    if key not in units:
+        raise MocoError(f"pfa unit_strategy must be one of {', '.join(units)}, got {p['unit_strategy']!r}")
+    return strategy, units[key]()
+
+
+def _pfa(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco.compress.pfa import PFA, PFALoop
+
+    model = stage.require_model("pfa")
+    strategy, unit = _pfa_strategy(p)
+    fractions = p["fractions"] if p["targeted"] else [1.0]
+    loop = PFALoop(strategy=strategy, unit_strategy=unit, layers=p["layers"], fractions=fractions,
+                   max_drop=float(p["max_drop"]) if p["targeted"] else math.inf,
+                   finetune_epochs=int(p["finetune_epochs"]), finetune_samples=p["finetune_samples"], lr=float(p["lr"]),
+                   distill=bool(p["distill"]), introspect_samples=int(p["introspect_samples"]),
+                   batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example, progress=ctx.progress)
+    loop.fit(model, ctx.fit.tensors(), ctx.holdout.tensors())
+    small = loop.small_.eval()
+    files = _save_model(small, out, ctx)
+    frame = loop.to_dataframe()
+    with atomic_path(out / "pfa_log.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    files.append(str(out / "pfa_log.csv"))
+    try:
+        table = PFA.show(loop.recipes_)
+        files.append(_write_text(out / "recipe.txt", frame_text(table)))
+        files.append(str(PFA.show(loop.recipes_, kind="chart", path=out / "recipe.png")))
+    except (MocoError, TypeError, AttributeError):
+        table = None
+    summary = {"fraction": loop.fraction_, "kept_units": {k: len(v) for k, v in loop.keep_.items()},
+               "val_accuracy_base": loop.base_accuracy_, "val_accuracy_pfa": loop.accuracy_,
+               "recipe": p["recipe"], "unit_strategy": p["unit_strategy"]}
+    if loop.fraction_ == 0:
+        changed = "nothing: even the first fraction of the recipe lost more than max_drop"
+    else:
+        changed = f"PFA {p['recipe']} applied at {loop.fraction_:.2f} of its reduction"
+    text = f"{changed}\n\n{frame_text(frame)}" + (f"\n\nrecipe:\n{frame_text(table)}" if table is not None else "")
+    return StepOutcome(Stage("model", small, small), summary, text, None, files, changed)
+
+
+# -------------------------------------------------------------------------------------------- exits
+
+def _exits(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco.exits import attach_exits, auto_points, calibrate, save_exits, train_exits, tradeoff_curve
+    from moco.exits import collect_outputs
+
+    model = stage.require_model("exits")
+    if p["mode"] == "joint":
+        model = copy.deepcopy(model)  # joint training changes the backbone: never the previous stage's model
+    points = p["points"] or auto_points(model, ctx.example)
+    head = p["head"]  # "auto": each head within 5% of the model's MACs (moco.exits.heads.choose_head)
+    net = attach_exits(model, points, example_input=ctx.example, head=head, criterion=p["criterion"], seed=ctx.seed)
+    train = ctx.fit.subset(p["train_samples"], ctx.seed)
+    train_exits(net, train.tensors(), mode=p["mode"], epochs=int(p["epochs"]), lr=float(p["lr"]),
+                batch_size=int(p["batch_size"]), distillation=float(p["distillation"]), seed=ctx.seed,
+                progress=ctx.progress)
+    cal = calibrate(net, ctx.holdout.tensors(), target=float(p["target"]), metric=p["metric"],
+                    confidence=float(p["confidence"]), seed=ctx.seed, progress=ctx.progress)
+    net.eval()
+    save_exits(net, out / "exits")
+    files = [str(out / "exits.json"), str(out / "exits.npz")]
+    if p["mode"] == "joint":
+        files += _save_model(net.forward_final if isinstance(net.forward_final, torch.nn.Module) else model, out, ctx)
+    files.append(_write_text(out / "calibration.txt", cal.to_text()))
+    try:
+        curve = tradeoff_curve(net, collect_outputs(net, ctx.holdout.tensors()))
+        files.append(str(curve.plot(out / "accuracy_vs_macs.png")))
+    except (MocoError, ValueError):
+        pass
+    enabled = [t is not None for t in net.thresholds]
+    info = {"path_macs": list(net.costs.exit_macs(enabled)), "calibration_result": cal}
+    summary = {"points": list(points), "thresholds": list(cal.thresholds), "exit_fractions": list(cal.exit_fractions),
+               "calibration": cal.to_dict()}
+    certified = {"what": f"{cal.metric} <= {cal.target:g} at {cal.confidence:.0%} confidence",
+                 "bound": cal.certified_bound, "measured": cal.measured_risk, "n": cal.n_test}
+    changed = f"exits after {', '.join(map(str, points))} ({p['mode']})"
+    return StepOutcome(Stage("exits", net, model, info), summary, f"{changed}\n\n{cal.to_text()}", certified, files,
+                       changed)
+
+
+# -------------------------------------------------------------------------------------------- rules
+
+def _rules(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco import AnalyticsEngine, BranchedNetwork, build_embeddings_and_predictions
+    from moco.capture import SpatialPool
+    from moco.rules.branched import expected_macs, suggest_layer
+
+    model = stage.require_model("rules")
+    x = ctx.fit.subset(int(p["samples"]), ctx.seed).x
+    pooling = p["pooling"]
+    processor = SpatialPool(pooling) if pooling else None
+    layer = p["layer"]
+    if layer is None:
+        suggestion = suggest_layer(model, x, max_error=float(p["max_error"]), seed=ctx.seed, progress=ctx.progress)
+        layer = suggestion.layer
+    feats, preds = build_embeddings_and_predictions(model, x, layer, processor=processor, progress=ctx.progress)
+    ae = AnalyticsEngine(feats.reshape(len(feats), -1), {"predictions": preds.argmax(1)}, layer=layer, seed=ctx.seed,
+                         progress=ctx.progress)
+    rules, report = ae.compute_linear_sufficient_rules("predictions", max_error=float(p["max_error"]),
+                                                      confidence=float(p["confidence"]), kind=p["kind"])
+    coverage = report["coverage_val"]
+    if not report["certified"] or not coverage:
+        raise MocoError(f"rules at layer {layer!r} certified nothing (held-out coverage {coverage:.1%} at "
+                        f"max_error {p['max_error']}); try a later layer (layer = ...), a looser max_error, or more "
+                        f"samples (samples = {2 * int(p['samples'])})")
+    rules.save(out / "rules")
+    files = [str(out / "rules.json"), str(out / "rules.npz")]
+    net = BranchedNetwork(model, layer=layer, rule=rules, pooling=pooling)
+    cost = expected_macs(model, layer, 0.0, example_input=ctx.example, n_features=int(feats[0].size))
+    info = {"path_macs": [cost.head_macs + cost.rule_macs, cost.full_macs + cost.rule_macs]}
+    certified = {"what": f"precision of samples that exit >= {1 - float(p['max_error']):g} "
+                         f"at {float(p['confidence']):.0%} confidence",
+                 "bound": report["certified_precision"], "measured": report["precision_val"], "n": report["n_val"]}
+    summary = {"layer": layer, "coverage_val": coverage, "certified_precision": report["certified_precision"],
+               "pooling": pooling}
+    text = report.to_text() if hasattr(report, "to_text") else json.dumps(json_safe(report), indent=2)
+    changed = f"rules at layer {layer!r}, {coverage:.1%} of held-out samples exit"
+    return StepOutcome(Stage("rules", net, model, info), summary, f"{changed}\n\n{text}", certified, files, changed)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+def _export(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco.deploy import export, load
+
+    if stage.kind == "deployed":
+        raise MocoError("step 'export' follows another export; export once, at the end")
+    calib = ctx.holdout.subset(int(p["calibration_samples"]), ctx.seed)
+    calibration = stage.info.get("calibration_result")
+    check = ctx.test.subset(2000, ctx.seed).tensors()
+    target = out / "deployed"
+    res = export(stage.obj, target, ctx.example, int8=calib.tensors() if p["int8"] else None, check=check,
+                 calibration=calibration, intra_op_num_threads=int(p["threads"]))
+    runtime = load(target, intra_op_num_threads=int(p["threads"]), **({"precision": "int8"} if p["int8"] else {}))
+    info = dict(stage.info)
+    info["macs"] = stage.info.get("macs")
+    summary = res.to_dict() if hasattr(res, "to_dict") else {"path": str(target)}
+    changed = f"deployed to ONNX Runtime ({'int8' if p['int8'] else 'FP32'}): {target}"
+    text = res.to_text() if hasattr(res, "to_text") else changed
+    return StepOutcome(Stage("deployed", runtime, stage.model, info), json_safe(summary), f"{changed}\n\n{text}",
+                       None, [str(target)], changed)
+
+
+STEP_METHODS: dict[str, Callable[[RunContext, Stage, dict, Path], StepOutcome]] = {
+    "profile": _profile, "prune": _prune, "pfa": _pfa, "exits": _exits, "rules": _rules, "export": _export,
+}
+
+
+def run_step(ctx: RunContext, stage: Stage, step: StepConfig, out: Path) -> StepOutcome:
+    """Run one step on ``stage`` and write its artifacts into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    return STEP_METHODS[step.method](ctx, stage, _params(step.method, step.params), out)
