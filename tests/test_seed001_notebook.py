@@ -67,3 +67,23 @@ def test_seed001_notebook_calls_run_unchanged(tmp_path):
     assert {r.units_to_keep for r in pfa_kl_recipe.values()} == {r.units_to_keep for r in l1_max_recipes.values()}
     assert ax.get_ylabel() == "number of units"
     assert pfa.responses["stem.0"] == "stem.0 -> stem.1 -> stem.2"  # read after BatchNorm and ReLU
+
+
+def test_pfa_cifar_names_and_leader_recipes():
+    from moco.bench.bench_pfa_cifar import seed_names
+    from moco.compress.pfa import leader_recipes
+    from moco.compress.surgery import apply
+
+    torch.manual_seed(0)
+    model = create("mobilenet_v1", width_multiplier=0.25).eval()
+    names = seed_names(model)
+    assert names["stem.0"] == "conv1" and names["features.10.pointwise.0"] == "conv_pw_11"
+    assert names["features.0.depthwise.0"] == "conv_dw_1" and len(names) == 27
+    images = torch.randn(300, 3, 32, 32)
+    pfa = PFA.introspect(PFA.producer(images, model=model, layers=list(names)), batch_size=100, progress=False)
+    chosen, dropped = leader_recipes(pfa.get_recipe(), model, images[:1])
+    # each depthwise conv is tied to the conv feeding it: only the group's first conv keeps its recipe
+    assert set(dropped) == {n for n in names if "depthwise" in n}
+    small = apply(model, PFA.keep(chosen), images[:1])
+    assert small(images[:2]).shape == (2, 10)
+    assert small.features[0].depthwise[0].out_channels == chosen["stem.0"].recommended_count

@@ -34,7 +34,9 @@ BENCHMARK_MODULES: dict[str, str] = {
     "exits-mnist-retrofit": "moco.bench.bench_exits_mnist_retrofit",
     "prune-fashion": "moco.bench.bench_prune_fashion",
     "pfa-fashion": "moco.bench.bench_pfa_fashion",
+    "pfa-cifar": "moco.bench.bench_pfa_cifar",
     "approx-lenet": "moco.bench.bench_approx_lenet",
+    "compose-fashion": "moco.bench.bench_compose_fashion",
 }
 
 

@@ -100,6 +100,17 @@ def _units(module: nn.Module) -> int:
     return int(module.weight.shape[0])
 
 
+def check_counts(owner: Any, keys: Sequence[str], optional: Sequence[str] = ()) -> None:
+    """MocoError unless every attribute ``keys`` of ``owner`` is an int >= 1 (``optional`` ones may be None: all)."""
+    for key in (*keys, *optional):
+        v = getattr(owner, key)
+        if v is None and key in optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            extra = "None (all) or " if key in optional else ""
+            raise MocoError(f"{key} must be {extra}an int >= 1, got {v!r}")
+
+
 def _as_fraction(value: Any, what: str, *, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise MocoError(f"{what} must be a number, got {value!r}")
@@ -632,13 +643,7 @@ class IterativePruner:
             raise MocoError(f"step as a float is the fraction of live units removed per step, in (0, 1]; got {s}")
         if isinstance(s, int) and s < 1:
             raise MocoError(f"step as an int is the number of units removed per step, >= 1; got {s}")
-        for key in ("min_units", "retrain_epochs", "batch_size", "max_steps"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise MocoError(f"{key} must be an int >= 1, got {v!r}")
-        rs = self.retrain_samples
-        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, int) or rs < 1):
-            raise MocoError(f"retrain_samples must be None (all) or an int >= 1, got {rs!r}")
+        check_counts(self, ("min_units", "retrain_epochs", "batch_size", "max_steps"), optional=("retrain_samples",))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise MocoError(f"lr must be > 0, got {self.lr!r}")
         if self.optimizer not in ("adam", "sgd"):

@@ -35,7 +35,7 @@ from torch import nn
 
 from moco.errors import MocoError
 
-__all__ = ["PFALoop", "PFAStep"]
+__all__ = ["PFALoop", "PFAStep", "leader_recipes"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,34 @@ class PFAStep:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields."""
         return asdict(self)
+
+
+def leader_recipes(recipes, model: nn.Module, example_input) -> tuple[dict, list[str]]:
+    """The recipes surgery can apply together: one per prunable dependency group, the rest dropped.
+
+    Layers tied by a residual add or a depthwise conv (:func:`moco.compress.surgery.dependency_groups`)
+    must keep the same units, so only the first layer of each group that has a recipe keeps it (the
+    others follow it in surgery); recipes of unprunable groups (the output layer) are dropped too.
+    Returns ``({layer: recipe}, [dropped layer names])``.
+    """
+    from moco.compress.surgery import dependency_groups
+
+    groups = {name: g for g in dependency_groups(model, example_input) for name in g.layers}
+    chosen, dropped, seen = {}, [], set()
+    for name, recipe in recipes.items():
+        group = groups.get(name)
+        if group is None:
+            raise MocoError(f"PFA layer {name!r} is not a Conv2d/Linear of the model; name layers by the conv or "
+                            f"linear that owns the units (PFA.introspect(..., layers=[...]))")
+        if not group.prunable or group.layers in seen:
+            dropped.append(name)
+            continue
+        seen.add(group.layers)
+        chosen[name] = recipe
+    if not chosen:
+        raise MocoError("no PFA recipe applies to a prunable layer (the output layer and layers tied to it cannot "
+                        "shrink)")
+    return chosen, dropped
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
@@ -120,18 +148,13 @@ class PFALoop:
             raise MocoError(f"max_drop must be a number >= 0 (an accuracy fraction, 0.01 = 1 point), got {self.max_drop!r}")
         if self.metric not in ("accuracy", "loss"):
             raise MocoError(f"metric must be 'accuracy' or 'loss', got {self.metric!r}")
-        for key in ("finetune_epochs", "batch_size", "introspect_samples"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise MocoError(f"{key} must be an int >= 1, got {v!r}")
-        fs = self.finetune_samples
-        if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int) or fs < 1):
-            raise MocoError(f"finetune_samples must be None (all) or an int >= 1, got {fs!r}")
+        from moco.compress.prune import check_counts
+
+        check_counts(self, ("finetune_epochs", "batch_size", "introspect_samples"), optional=("finetune_samples",))
         return fractions
 
     def _recipes(self, model: nn.Module, x_train: torch.Tensor, example: torch.Tensor):
         from moco.compress.pfa.core import PFA
-        from moco.compress.surgery import dependency_groups
 
         pfa = self.pfa
         if pfa is None:
@@ -142,21 +165,7 @@ class PFALoop:
             raise TypeError(f"pfa must be a moco.compress.pfa.PFA of the model, got {type(pfa).__name__}")
         recipes = pfa.get_recipe(strategy=self.strategy, unit_strategy=self.unit_strategy)
         unit_strategy = self.unit_strategy or PFA.UnitSelectionStrategy.L1Max()
-        groups = {name: g for g in dependency_groups(model, example) for name in g.layers}
-        chosen, dropped, seen = {}, [], set()
-        for name, recipe in recipes.items():
-            group = groups.get(name)
-            if group is None:
-                raise MocoError(f"PFA layer {name!r} is not a Conv2d/Linear of the model; name layers by the conv or "
-                                f"linear that owns the units (PFA.introspect(..., layers=[...]))")
-            if not group.prunable or group.layers in seen:
-                dropped.append(name)
-                continue
-            seen.add(group.layers)
-            chosen[name] = recipe
-        if not chosen:
-            raise MocoError("no PFA recipe applies to a prunable layer (the output layer and layers tied to it cannot "
-                            "shrink)")
+        chosen, dropped = leader_recipes(recipes, model, example)
         return pfa, recipes, chosen, dropped, unit_strategy
 
     def fit(self, model: nn.Module, train_data: Any, val_data: Any) -> "PFALoop":
