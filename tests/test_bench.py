@@ -325,3 +325,37 @@ def test_onnx_falls_back_to_the_dynamo_exporter(monkeypatch):
     assert base.names == ("eager", "onnxruntime"), base.unavailable
     assert "dynamo=True" in base.notes["onnxruntime"]
     assert base.variants["onnxruntime"](torch.randn(3, 1, 8, 8)).shape == (3, 5)  # dynamic batch axis
+
+
+def test_stage_table_shows_each_steps_contribution():
+    from moco.bench.baselines import stage_table
+
+    text = stage_table([{"stage": "original, ONNX Runtime FP32", "ratio": 1.0, "agreement": 1.0},
+                        {"stage": "+ pruning", "ratio": 0.5, "accuracy": 0.9},
+                        {"stage": "+ int8", "ratio": 0.25, "agreement": 0.99, "macs_ratio": 0.1}])
+    lines = text.splitlines()
+    assert lines[0].startswith("stage") and "step speed-up" in lines[0]
+    assert "2.00x" in lines[3] and "2.00x" in lines[4] and "99.0000%" in lines[4] and "0.100" in lines[4]
+
+
+def test_compare_deployed_times_a_small_model_against_the_original_in_onnxruntime():
+    from moco.bench.baselines import compare_deployed
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    small = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 5)).eval()
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 5, (64,))
+    summary, cmp = compare_deployed(original, small, list(x.split(32)), (x, y), int8=x, repeats=2,
+                                    baselines=("eager", "onnxruntime"))
+    assert {"onnxruntime", "small/eager", "small/deployed-fp32", "small/deployed-int8"} <= set(cmp.names)
+    assert summary["deployed_precision"] in ("fp32", "int8") and summary["best_baseline"] in ("eager", "onnxruntime")
+    fp32 = summary["deployed"]["fp32"]
+    with torch.no_grad():
+        assert fp32["accuracy_test"] == float((small(x).argmax(1) == y).float().mean())
+    assert fp32["ratio_vs_onnxruntime_fp32"] == cmp.timing("small/deployed-fp32").median_s / cmp.timing("onnxruntime").median_s
+    assert [s["stage"] for s in summary["stages"]][0] == "original, ONNX Runtime FP32"
+    json.dumps(summary)
+
+
+def test_compose_benchmark_is_registered():
+    assert "compose-fashion" in dict(list_benchmarks())

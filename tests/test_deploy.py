@@ -76,7 +76,15 @@ def test_plain_model_file_and_folder(seed_cnn, x, y, tmp_path):
     assert isinstance(out, np.ndarray) and out.shape == (96, 10)
     assert (out.argmax(1) == ref.argmax(1)).all() and np.abs(out - ref).max() < 1e-4
     assert rt(x[:1].numpy()).shape == (1, 10)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["moco.session"])["optimization"] in ("all", "extended")  # the tuned session settings
     folder = export(seed_cnn, tmp_path / "mf", x[:4])
+    item = json.loads((tmp_path / "mf" / "manifest.json").read_text())["graphs"]["fp32"][0]
+    assert item["session"]["name"] in ("all", "all-no-nchwc", "extended") and set(item["session"]["measured_s"]) == {
+        "all", "all-no-nchwc", "extended"}
+    assert load(tmp_path / "mf").graphs[0].config["disabled_optimizers"] == item["session"]["disabled_optimizers"]
     assert (tmp_path / "mf" / "manifest.json").is_file() and folder.graphs["fp32"] == {"model.onnx": folder.graphs["fp32"]["model.onnx"]}
     assert np.abs(load(tmp_path / "mf")(x) - ref).max() < 1e-4
 

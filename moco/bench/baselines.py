@@ -31,11 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from moco.bench.harness import Comparison
 from moco.errors import MocoError
+
+__all__ = ["Agreement", "BASELINE_NAMES", "BaselineSet", "RuntimeVariant", "baseline_variants", "best_baseline",
+           "compare_deployed", "deploy_variants", "stage_table"]
 
 BASELINE_NAMES: tuple[str, ...] = ("eager", "channels_last", "compile", "onnxruntime")
 
@@ -157,17 +161,123 @@ class _ChannelsLast:
             return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
-class _OnnxRuntime:
-    """A :func:`moco.deploy.load` runtime fed with the batches; outputs come back as tensors."""
+class RuntimeVariant:
+    """A :func:`moco.deploy.load` runtime as a :func:`~moco.bench.harness.compare` variant.
+
+    Called with a batch tensor, it returns the runtime's first output (logits, or a branched
+    network's predictions) as a tensor; the tensor -> numpy -> tensor conversion is part of the timed
+    call, as for the ``onnxruntime`` baseline. ``last`` keeps the runtime's latest full output
+    (e.g. ``(logits, exit_index)``) for agreement checks.
+    """
 
     def __init__(self, runtime):
         self.runtime = runtime
+        self.last: Any = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.runtime(x))
+        out = self.last = self.runtime(x)
+        return torch.from_numpy(out[0] if isinstance(out, tuple) else out)
 
 
-def _onnxruntime_variant(model: nn.Module, example: torch.Tensor, workdir: str | Path | None) -> tuple[_OnnxRuntime, str]:
+def deploy_variants(obj: nn.Module, example: torch.Tensor, *, int8: Any = None, check: Any = None,
+                    calibration: Any = None, threads: int | None = None, warmup: Sequence[torch.Tensor] = ()):
+    """Export ``obj`` with :func:`moco.deploy.export` and load every precision as a :class:`RuntimeVariant`.
+
+    ``int8``, ``check`` and ``calibration`` go to ``export``; ``threads``: onnxruntime intra-op threads
+    (default ``torch.get_num_threads()``, the baselines' setting); ``warmup``: batches each runtime runs
+    once before it is returned. Returns ``({"fp32": variant, "int8": variant?}, ExportResult)``; the
+    graphs live in a temporary folder only while the sessions are created.
+    """
+    from moco.deploy import export, load
+
+    threads = torch.get_num_threads() if threads is None else threads
+    with tempfile.TemporaryDirectory(prefix="moco-deploy-") as tmp:
+        path = Path(tmp) / "deployed"
+        result = export(obj, path, example, int8=int8, check=check, calibration=calibration,
+                        intra_op_num_threads=threads)
+        variants = {p: RuntimeVariant(load(path, precision=p, intra_op_num_threads=threads)) for p in result.graphs}
+    for fn in variants.values():
+        for batch in warmup:
+            fn(batch)
+    return variants, result
+
+
+def compare_deployed(original: nn.Module, small: nn.Module, batches: Sequence[torch.Tensor], test: tuple, *,
+                     int8: Any, repeats: int = 5, max_drop_points: float = 1.0, prefix: str = "small",
+                     baselines: Iterable[str] = ("eager", "channels_last", "onnxruntime")) -> tuple[dict, Any]:
+    """A smaller model deployed (FP32 and int8) against the original's honest baselines, side by side.
+
+    ``batches``: the timed batches (one run = all of them); ``test``: ``(x, y)`` the deployed runtimes
+    are checked on (accuracy, agreement with the original); ``int8``: calibration inputs. The deployed
+    choice is the fastest precision whose test accuracy is within ``max_drop_points`` of the original's
+    (FP32 when none is). Returns ``(summary dict, Comparison)``; the summary holds per precision the
+    ratios against the best baseline, the original in ONNX Runtime FP32 and eager, accuracy and
+    agreement, plus ``deployed_ratio_vs_best_baseline``, ``deployed_precision``, ``best_baseline``,
+    the export result and ``threads``.
+    """
+    from moco.bench.harness import compare
+
+    x_test, y_test = test
+    base = baseline_variants(original, batches[0], include=baselines, check_inputs=list(batches[:2]))
+    deployed, exported = deploy_variants(small, batches[0], int8=int8, check=test, warmup=batches[:2])
+    small_eager = _Eager(copy.deepcopy(small).eval())
+    variants = {**base.variants, f"{prefix}/eager": small_eager,
+                **{f"{prefix}/deployed-{p}": fn for p, fn in deployed.items()}}
+    cmp = compare(variants, list(batches), warmup=1, repeats=repeats)
+    best = best_baseline(cmp, base.names)
+    with torch.inference_mode():
+        original_pred = torch.cat([original(x).argmax(1) for x in x_test.split(1000)]).numpy()
+    y = y_test.numpy()
+    acc_original = float((original_pred == y).mean())
+    ort = cmp.timing("onnxruntime").median_s if "onnxruntime" in cmp.names else float("nan")
+    per = {}
+    for p, fn in deployed.items():
+        pred = np.concatenate([fn.runtime(x).argmax(1) for x in x_test.split(1000)])
+        median = cmp.timing(f"{prefix}/deployed-{p}").median_s
+        per[p] = {"ratio_vs_best_baseline": median / cmp.timing(best).median_s, "ratio_vs_onnxruntime_fp32": median / ort,
+                  "ratio_vs_eager": cmp.ratio(f"{prefix}/deployed-{p}"), "median_s": median,
+                  "accuracy_test": float((pred == y).mean()), "agreement_test": float((pred == original_pred).mean())}
+        per[p]["accuracy_drop_points"] = (acc_original - per[p]["accuracy_test"]) * 100
+    ok = [p for p, d in per.items() if d["accuracy_drop_points"] <= max_drop_points] or ["fp32"]
+    choice = min(ok, key=lambda p: per[p]["median_s"])
+    stages = [{"stage": "original, ONNX Runtime FP32", "ratio": 1.0, "agreement": 1.0, "accuracy": acc_original},
+              {"stage": f"{prefix} model, PyTorch eager", "ratio": cmp.timing(f"{prefix}/eager").median_s / ort},
+              *({"stage": f"{prefix} model, deployed {p}", "ratio": d["ratio_vs_onnxruntime_fp32"],
+                 "agreement": d["agreement_test"], "accuracy": d["accuracy_test"]} for p, d in per.items())]
+    summary = {"deployed_ratio_vs_best_baseline": per[choice]["ratio_vs_best_baseline"],
+               "deployed_ratio_vs_onnxruntime_fp32": per[choice]["ratio_vs_onnxruntime_fp32"],
+               "deployed_precision": choice, "deployed_accuracy_test": per[choice]["accuracy_test"],
+               "best_baseline": best, "accuracy_original_test": acc_original, "deployed": per, "stages": stages,
+               "export": exported.to_dict(), "threads": torch.get_num_threads(), "comparison": cmp.to_dict(),
+               "unavailable": dict(base.unavailable)}
+    return summary, cmp
+
+
+def stage_table(stages: Sequence[Mapping[str, Any]]) -> str:
+    """A readable table of what each step of a pipeline bought: one row per stage.
+
+    Each stage is a mapping with ``stage`` (name), ``ratio`` (median time / the original in ONNX
+    Runtime FP32, same threads and batches) and optional ``agreement`` (fraction of test samples
+    predicted as the original does), ``accuracy`` and ``macs_ratio``; ``x faster`` is
+    the previous row's ratio divided by this one's (the step's own contribution).
+    """
+    header = ("stage", "time / ORT fp32", "step speed-up", "agreement", "accuracy", "MACs ratio")
+    rows, prev = [], None
+    for st in stages:
+        ratio = float(st["ratio"])
+        step = "-" if prev is None or not ratio > 0 else f"{prev / ratio:.2f}x"
+        fmt = lambda key, spec: "-" if st.get(key) is None else format(st[key], spec)  # noqa: E731
+        rows.append((str(st["stage"]), f"{ratio:.3f}", step, fmt("agreement", ".4%"), fmt("accuracy", ".4f"),
+                     fmt("macs_ratio", ".3f")))
+        prev = ratio
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in (header, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _onnxruntime_variant(model: nn.Module, example: torch.Tensor, workdir: str | Path | None) -> tuple[RuntimeVariant, str]:
     """The model exported by :func:`moco.deploy.export` (one graph, dynamic batch) and loaded by :func:`moco.deploy.load`."""
     import onnxruntime as ort
 
@@ -188,7 +298,7 @@ def _onnxruntime_variant(model: nn.Module, example: torch.Tensor, workdir: str |
         f"exported by moco.deploy.export ({result.exporter}) in {result.seconds:.1f} s ({where}); onnxruntime "
         f"{ort.__version__}, CPUExecutionProvider, {threads} intra-op thread(s)"
     )
-    return _OnnxRuntime(runtime), note
+    return RuntimeVariant(runtime), note
 
 
 def _agreement(fn: Callable[[torch.Tensor], Any], batches: list[torch.Tensor],

@@ -100,6 +100,46 @@ def trained_network(seed: int, quick: bool, out=print):
     return net.eval(), model.eval(), meta, fit_part, cal_part, test
 
 
+def _vs_ort(cmp, name: str) -> float:
+    """``name``'s median time over the original in ONNX Runtime's (NaN when that baseline is unavailable)."""
+    return cmp.timing(name).median_s / cmp.timing("onnxruntime").median_s if "onnxruntime" in cmp.names else float("nan")
+
+
+def deployed_exits_summary(deployed: dict, exported, cmp256, cmp1, best: str, x_test, y_test, original_pred,
+                           target: float) -> dict:
+    """Per precision of a deployed early-exit network: ratios at batch 256 and 1, test accuracy and agreement
+    with the original's predictions ``original_pred`` (numpy ``[n]``, the final exit). The deployed choice is the fastest precision at batch 256 whose test
+    accuracy is within ``target`` of the original and, for int8, whose re-checked bound holds (else FP32)."""
+    import numpy as np
+
+    per = {}
+    best1 = min((n for n in cmp1.names if n in ("eager", "onnxruntime")), key=lambda n: cmp1.timing(n).median_s)
+    for p, fn in deployed.items():
+        logits, exits = zip(*(fn.runtime(x) for x in x_test.split(1000)))
+        pred = np.concatenate(logits).argmax(1)
+        exit_index = np.concatenate(exits)
+        per[p] = {
+            "ratio_vs_best_baseline_b256": cmp256.timing(f"deployed-{p}").median_s / cmp256.timing(best).median_s,
+            "ratio_vs_onnxruntime_fp32_b256": _vs_ort(cmp256, f"deployed-{p}"),
+            "ratio_vs_eager_b256": cmp256.ratio(f"deployed-{p}"),
+            "ratio_vs_best_baseline_b1": cmp1.timing(f"deployed-{p}").median_s / cmp1.timing(best1).median_s,
+            "ratio_vs_onnxruntime_fp32_b1": _vs_ort(cmp1, f"deployed-{p}"),
+            "accuracy_test": float((pred == y_test.numpy()).mean()),
+            "agreement_test": float((pred == original_pred).mean()),
+            "exit_fractions": np.bincount(exit_index, minlength=len(fn.runtime.graphs)).tolist(),
+        }
+        per[p]["accuracy_drop_points"] = float((original_pred == y_test.numpy()).mean() - per[p]["accuracy_test"]) * 100
+    recheck_ok = exported.recheck is None or exported.recheck["holds"]
+    ok = [p for p, d in per.items() if d["accuracy_drop_points"] <= target * 100 and (p == "fp32" or recheck_ok)]
+    choice = min(ok or ["fp32"], key=lambda p: cmp256.timing(f"deployed-{p}").median_s)
+    d = per[choice]
+    return {"precisions": per, "deployed_precision": choice, "best_baseline_b1": best1,
+            "deployed_ratio_vs_best_baseline_b256": d["ratio_vs_best_baseline_b256"],
+            "deployed_ratio_vs_best_baseline_b1": d["ratio_vs_best_baseline_b1"],
+            "deployed_accuracy_test": d["accuracy_test"], "deployed_accuracy_drop_points": d["accuracy_drop_points"],
+            "deployed_agreement_test": d["agreement_test"]}
+
+
 class _ExitVariant:
     """``net(x)`` for the timing harness; returns the logits and keeps the exit indices of the last calls."""
 
@@ -116,7 +156,7 @@ class _ExitVariant:
 @register("exits-fashion", "seed 004: ResNet-18 early exits on Fashion-MNIST, calibrated for <= 0.5 points drop")
 def bench_exits_fashion(quick: bool, seed: int, out=print) -> dict:
     """Train (cached), calibrate and measure the early-exit ResNet-18 against the same network without exits."""
-    from moco.bench.baselines import baseline_variants, best_baseline
+    from moco.bench.baselines import baseline_variants, best_baseline, deploy_variants, stage_table
     from moco.bench.harness import compare
     from moco.exits import calibrate, collect_outputs, simulate, summarize_outputs, tradeoff_curve
     from moco.io import cache_dir
@@ -169,7 +209,13 @@ def bench_exits_fashion(quick: bool, seed: int, out=print) -> dict:
     exit_fn = _ExitVariant(net)
     base = baseline_variants(model, batches[0], include=("eager", "channels_last", "onnxruntime"),
                              check_inputs=batches[:2])
-    variants = {**base.variants, "early-exit": exit_fn}
+    # deployed: one ONNX graph per segment (exit head + entropy inside), FP32 and int8 (calibrated on 2,000
+    # calibration images; the certified bound re-checked for int8 on all of them)
+    x_cal, y_cal = cal_part.tensors()
+    deployed, exported = deploy_variants(net, batches[0], int8=(x_cal[:2000], y_cal[:2000]), check=(x_test, y_test),
+                                         calibration=cal, warmup=batches[:2])
+    out("\n" + exported.to_text())
+    variants = {**base.variants, "early-exit": exit_fn, **{f"deployed-{p}": fn for p, fn in deployed.items()}}
     cmp256 = compare(variants, batches, warmup=1, repeats=r["repeats"])
     # the real batched forward must take the exits the replay above counted
     measured = torch.cat(exit_fn.exits[-len(batches):]).numpy()
@@ -179,12 +225,34 @@ def bench_exits_fashion(quick: bool, seed: int, out=print) -> dict:
         f"{same_exits:.2%} of them):")
     out(cmp256.to_text())
     singles = list(x_test[: r["b1_images"]].split(1))
-    cmp1 = compare({"eager": base.variants["eager"], "early-exit": exit_fn}, singles, warmup=1, repeats=r["repeats"])
+    b1_variants = {"eager": base.variants["eager"], "early-exit": exit_fn,
+                   **{k: base.variants[k] for k in ("onnxruntime",) if k in base.variants},
+                   **{f"deployed-{p}": fn for p, fn in deployed.items()}}
+    cmp1 = compare(b1_variants, singles, warmup=1, repeats=r["repeats"])
     out(f"\nbatch 1 (the first {len(singles)} test images, one at a time):")
     out(cmp1.to_text())
     best = best_baseline(cmp256, [n for n in base.variants])
     drop_points = (report.accuracy_final - report.accuracy) * 100
+    dep = deployed_exits_summary(deployed, exported, cmp256, cmp1, best, x_test, y_test, test_out.predictions[-1], TARGET)
+    stages = [{"stage": "original, ONNX Runtime FP32", "ratio": 1.0, "agreement": 1.0, "accuracy": report.accuracy_final,
+               "macs_ratio": 1.0},
+              {"stage": "+ learned exits (PyTorch eager)", "ratio": _vs_ort(cmp256, "early-exit"),
+               "agreement": report.agreement, "accuracy": report.accuracy, "macs_ratio": 1 / report.macs_reduction},
+              *({"stage": f"+ deployed {p}", "ratio": d["ratio_vs_onnxruntime_fp32_b256"], "agreement": d["agreement_test"],
+                 "accuracy": d["accuracy_test"], "macs_ratio": 1 / report.macs_reduction}
+                for p, d in dep["precisions"].items())]
+    out(f"\nstage by stage (batch 256; ratio = median time / the original in ONNX Runtime FP32, same run, "
+        f"{torch.get_num_threads()} thread(s)):")
+    out(stage_table(stages))
+    out(f"deployed ({dep['deployed_precision']}): {dep['deployed_ratio_vs_best_baseline_b256']:.3f} of the best "
+        f"baseline ({best}) at batch 256, {dep['deployed_ratio_vs_best_baseline_b1']:.3f} at batch 1; test accuracy "
+        f"{dep['deployed_accuracy_test']:.4f} (original {report.accuracy_final:.4f})")
     result = {
+        **{k: v for k, v in dep.items() if k.startswith("deployed")},
+        "deployed": dep["precisions"],
+        "export": exported.to_dict(),
+        "threads": torch.get_num_threads(),
+        "stages": stages,
         "macs_reduction": report.macs_reduction,
         "ratio_vs_eager_b256": cmp256.ratio("early-exit"),
         "ratio_vs_eager_b1": cmp1.ratio("early-exit"),

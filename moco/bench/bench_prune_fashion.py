@@ -249,6 +249,21 @@ def bench_prune_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Pat
     out(cmp1.to_text())
     best1 = min((n for n in cmp1.names if n.startswith("original/")), key=lambda n: cmp1.timing(n).median_s)
 
+    # deployed: the small model exported to ONNX Runtime (FP32, and int8 calibrated on 2,000 training images)
+    # against the original's honest baselines, side by side at batch 1000
+    from moco.bench.baselines import compare_deployed, stage_table
+
+    timing_batches = list(x_te[: cfg["timing_samples"]].split(BATCH_SIZE))
+    dep, cmp_dep = compare_deployed(base, small, timing_batches, (x_te, y_te), int8=x_tr[:2000],
+                                    repeats=cfg["repeats"], max_drop_points=1.0)
+    out(f"\ndeployed small model vs the original's baselines (batch {BATCH_SIZE}, {len(timing_batches)} batches, "
+        f"{dep['threads']} thread(s)):")
+    out(cmp_dep.to_text())
+    out("stage by stage (ratio = median time / the original in ONNX Runtime FP32, same run):")
+    out(stage_table(dep["stages"]))
+    out(f"deployed ({dep['deployed_precision']}): {dep['deployed_ratio_vs_best_baseline']:.3f} of the best baseline "
+        f"({dep['best_baseline']}); session settings per graph: {dep['export']['sessions']}")
+
     points, chart = _pareto(pruner, base, example, out_dir, out)
     try:
         from moco.compress.surgery import save
@@ -276,6 +291,12 @@ def bench_prune_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Pat
     if chart is not None:
         out(f"chart: {chart}")
     return {
+        **{k: v for k, v in dep.items() if k.startswith("deployed_")},
+        "deployed": dep["deployed"],
+        "stages": dep["stages"],
+        "threads": dep["threads"],
+        "export": dep["export"],
+        "comparison_deployed": dep["comparison"],
         "macs_reduction": d["macs_reduction"],
         "params_reduction": d["params_reduction"],
         "accuracy_base": d["accuracy_before"],

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moco.bench.baselines import deploy_variants, stage_table
 from moco.bench.registry import register
 
 BATCH_SIZE = 1000
@@ -87,7 +88,7 @@ def bench_rules_mnist(quick: bool, seed: int, out=print, *, n_train: int | None 
     max_error_class = max_error_class or MAX_ERROR_CLASS[quick]
     model, meta = pretrained_model(seed, quick)
     x_train, _ = load_mnist(train=True).tensors()
-    x_test, _ = load_mnist(train=False).tensors()
+    x_test, y_test = load_mnist(train=False).tensors()
     x_train = x_train[:n_train]
     out(f"seed CNN on MNIST ({meta.get('data_source')}), test accuracy {meta['accuracy_test']:.2%}; "
         f"rules at layer {LAYER} fitted on {n_train:,} training images")
@@ -130,11 +131,19 @@ def bench_rules_mnist(quick: bool, seed: int, out=print, *, n_train: int | None 
     for rec in recorders.values():
         rec.calls = 0
 
-    # the all-classes network against the honest baselines, side by side on the training images
+    # deployed: the all-classes network in ONNX Runtime (head + rule graph, tail graph), FP32 and int8
+    threads = torch.get_num_threads()
+    # int8 calibrated on 2,000 training images; checked against PyTorch on the test set
+    deployed, exported = deploy_variants(nets["all"], x_train[:BATCH_SIZE], int8=x_train[:2000], check=(x_test, y_test),
+                                         threads=threads, warmup=train_batches[:2])
+    out("\n" + exported.to_text())
+
+    # the all-classes network (PyTorch and deployed) against the honest baselines, side by side
     variants = dict(base.variants)
     variants["rules-all"] = recorders["all"]
+    variants.update({f"deployed-{p}": fn for p, fn in deployed.items()})
     cmp = compare(variants, train_batches, warmup=0, repeats=repeats)
-    out("\nall ten classes in one RuleSet vs the honest baselines:")
+    out("\nall ten classes in one RuleSet (PyTorch, and deployed to ONNX Runtime) vs the honest baselines:")
     out(cmp.to_text())
 
     # seed 000's table: each class rule (and the set) against eager, interleaved; predictions are
@@ -170,7 +179,28 @@ def bench_rules_mnist(quick: bool, seed: int, out=print, *, n_train: int | None 
                          n_features=rule_set.n_features, num_classes=rule_set.num_classes)
     out(f"cost model: expected MACs ratio {cost.ratio:.3f} at test coverage {coverage_test:.3f}; "
         f"measured time ratio {cmp.ratio('rules-all'):.3f} vs eager")
+
+    dep = _deployed_summary(cmp, deployed, test_batches, eager_pred_test, y_test, best)
+    ort = cmp.timing("onnxruntime").median_s if "onnxruntime" in cmp.names else float("nan")
+    stages = [{"stage": "original, ONNX Runtime FP32", "ratio": 1.0, "agreement": 1.0,
+               "accuracy": meta["accuracy_test"], "macs_ratio": 1.0},
+              {"stage": "+ rules (PyTorch eager)", "ratio": cmp.timing("rules-all").median_s / ort,
+               "agreement": all_row["n_match_test"], "macs_ratio": cost.ratio},
+              *({"stage": f"+ deployed {p}", "ratio": d["ratio_vs_onnxruntime_fp32"], "agreement": d["agreement_test"],
+                 "accuracy": d["accuracy_test"], "macs_ratio": cost.ratio} for p, d in dep["precisions"].items())]
+    out(f"\nstage by stage (batch {BATCH_SIZE}, {threads} thread(s); ratio = median time / the original in ONNX "
+        f"Runtime FP32, same run):")
+    out(stage_table(stages))
+    out(f"deployed ({dep['deployed_precision']}): {dep['deployed_ratio_vs_best_baseline']:.3f} of the best baseline "
+        f"({best}), agreement with the original on the test set {dep['deployed_agreement_test']:.5f}")
     return {
+        "deployed_ratio_vs_best_baseline": dep["deployed_ratio_vs_best_baseline"],
+        "deployed_precision": dep["deployed_precision"],
+        "deployed_agreement_test": dep["deployed_agreement_test"],
+        "deployed": dep["precisions"],
+        "export": exported.to_dict(),
+        "threads": threads,
+        "stages": stages,
         "ratio_vs_eager": cmp.ratio("rules-all"),
         "ratio_vs_best_baseline": cmp.timing("rules-all").median_s / cmp.timing(best).median_s,
         "best_baseline": best,
@@ -193,6 +223,36 @@ def bench_rules_mnist(quick: bool, seed: int, out=print, *, n_train: int | None 
         "comparison": cmp.to_dict(),
         "unavailable": dict(base.unavailable),
     }
+
+
+AGREEMENT_TARGET = 0.9995
+"""Agreement with the original on the test set the deployed network must keep (issue 16)."""
+
+
+def _deployed_summary(cmp, deployed: dict, test_batches, eager_pred_test, y_test, best: str) -> dict:
+    """Per precision: time ratios, test agreement with the original and accuracy; the deployed choice is the
+    fastest precision that keeps :data:`AGREEMENT_TARGET` (FP32 when none does)."""
+    per = {}
+    best_s = cmp.timing(best).median_s
+    ort_s = cmp.timing("onnxruntime").median_s if "onnxruntime" in cmp.names else float("nan")
+    for p, fn in deployed.items():
+        preds, exited = [], 0
+        for x in test_batches:
+            pred, mask = fn.runtime(x)
+            preds.append(torch.from_numpy(pred.argmax(1)))
+            exited += int(mask.sum())
+        pred = torch.cat(preds)
+        median = cmp.timing(f"deployed-{p}").median_s
+        per[p] = {"ratio_vs_best_baseline": median / best_s, "ratio_vs_onnxruntime_fp32": median / ort_s,
+                  "ratio_vs_eager": cmp.ratio(f"deployed-{p}"), "median_s": median,
+                  "agreement_test": float((pred == eager_pred_test).float().mean()),
+                  "accuracy_test": float((pred == y_test).float().mean()),
+                  "shortcut_fraction_test": exited / len(pred)}
+    ok = [p for p, d in per.items() if d["agreement_test"] >= AGREEMENT_TARGET] or ["fp32"]
+    choice = min(ok, key=lambda p: per[p]["median_s"])
+    return {"precisions": per, "deployed_precision": choice,
+            "deployed_ratio_vs_best_baseline": per[choice]["ratio_vs_best_baseline"],
+            "deployed_agreement_test": per[choice]["agreement_test"]}
 
 
 def pretrained_model(seed: int, quick: bool):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moco.deploy.runtime import MANIFEST, FORMAT, VERSION, file_sha256, load
+from moco.deploy.runtime import FORMAT, MANIFEST, SESSION_CONFIGS, VERSION, file_sha256, load
 from moco.errors import MocoError
 from moco.io import write_json_atomic
 
@@ -200,7 +200,8 @@ class ExportResult:
     ``check`` inputs); ``int8``: int8 against PyTorch, ``int8_vs_fp32``: int8 against the FP32
     runtime (both None without ``int8=``); ``recheck``: for exits with int8 and labelled calibration
     inputs, the certified bound recomputed for the int8 runtime (dict, or None); ``seconds``: wall
-    time of export + checks; ``notes``: anything worth knowing.
+    time of export + checks; ``notes``: anything worth knowing; ``sessions``: per precision, graph file
+    -> the session settings the tuning chose (a name of :data:`moco.deploy.runtime.SESSION_CONFIGS`).
     """
 
     path: Path
@@ -214,6 +215,7 @@ class ExportResult:
     recheck: dict[str, Any] | None = None
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default=())
+    sessions: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def size_bytes(self) -> dict[str, int]:
@@ -227,13 +229,16 @@ class ExportResult:
             "size_bytes": self.size_bytes, "exporter": self.exporter, "fp32": self.fp32.to_dict(),
             "int8": self.int8.to_dict() if self.int8 else None,
             "int8_vs_fp32": self.int8_vs_fp32.to_dict() if self.int8_vs_fp32 else None,
-            "recheck": self.recheck, "seconds": self.seconds, "notes": list(self.notes),
+            "recheck": self.recheck, "seconds": self.seconds, "notes": list(self.notes), "sessions": self.sessions,
         }
 
     def to_text(self) -> str:
         """A readable summary: files, sizes, agreement per precision."""
         sizes = ", ".join(f"{p} {b / 1e6:.2f} MB" for p, b in self.size_bytes.items())
         lines = [f"exported {self.kind} to {self.path} ({sizes}; {self.exporter}; {self.seconds:.1f} s)"]
+        if self.sessions:
+            lines.append("  session settings (tuned per graph): " + "; ".join(
+                f"{p}: " + ", ".join(f"{f} {n}" for f, n in files.items()) for p, files in self.sessions.items()))
         for label, c in (("fp32 vs torch", self.fp32), ("int8 vs torch", self.int8), ("int8 vs fp32", self.int8_vs_fp32)):
             if c is None:
                 continue
@@ -459,6 +464,36 @@ def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dic
             "target": target, "holds": bool(target is None or bound <= target)}
 
 
+# ----------------------------------------------------------------------------------------- tuning
+
+
+def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 7) -> None:
+    """Set ``item["session"]`` of each graph to the fastest of :data:`SESSION_CONFIGS` on its example input.
+
+    The candidates run interleaved (round-robin, ``repeats`` rounds after one warm-up) and the median
+    decides; onnxruntime's default (``"all"``) is kept unless another is at least 5% faster, so noise
+    does not flip the choice. The measured medians (seconds) are recorded beside the choice.
+    """
+    from moco.deploy.runtime import _Graph
+
+    for item, x in zip(items, inputs):
+        graphs = {name: _Graph(work / item["file"], threads, c["optimization"], c["disabled_optimizers"])
+                  for name, c in SESSION_CONFIGS.items()}
+        times: dict[str, list[float]] = {name: [] for name in graphs}
+        for g in graphs.values():
+            g(x)
+        for r in range(repeats):
+            names = list(graphs)
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                graphs[name](x)
+                times[name].append(time.perf_counter() - t0)
+        medians = {name: float(np.median(t)) for name, t in times.items()}
+        best = min(medians, key=medians.get)
+        choice = best if medians[best] < 0.95 * medians["all"] else "all"
+        item["session"] = {**SESSION_CONFIGS[choice], "name": choice, "measured_s": medians, "batch": int(len(x))}
+
+
 # ----------------------------------------------------------------------------------------- export
 
 
@@ -469,7 +504,8 @@ def _check_tolerance(tolerance: Any) -> float:
 
 
 def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int8: Any = None, check: Any = None,
-           calibration: Any = None, tolerance: float = TOLERANCE, intra_op_num_threads: int = 1) -> ExportResult:
+           calibration: Any = None, tolerance: float = TOLERANCE, intra_op_num_threads: int = 1,
+           tune: bool = True) -> ExportResult:
     """Export ``obj`` to ONNX at ``path``, check the runtime against PyTorch and return an :class:`ExportResult`.
 
     Args:
@@ -485,7 +521,10 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         calibration: the :class:`moco.exits.CalibrationResult` whose promise (metric, target,
             confidence) the int8 re-check uses (default: accuracy drop, 95%, no target).
         tolerance: relative tolerance of a decision score near its threshold, or of two top logits.
-        intra_op_num_threads: onnxruntime threads used for the checks.
+        intra_op_num_threads: onnxruntime threads used for the checks and the tuning.
+        tune: time each graph on ``example_input`` under the session settings of
+            :data:`moco.deploy.runtime.SESSION_CONFIGS` and record the fastest (the manifest, or the
+            ``moco.session`` metadata of a single ``.onnx`` file); ``load`` then uses it.
 
     Raises:
         TypeError for an unsupported object; MocoError for bad inputs, an exporter failure, or a
@@ -527,6 +566,11 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
             item["sha256"] = file_sha256(work / item["file"])
         write_json_atomic(work / MANIFEST, manifest)
         fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
+        tune_inputs = _graph_inputs(fp32, kind, example.numpy(), batch=len(example))
+        if tune:
+            _tune(work, files, [g[0] for g in tune_inputs], intra_op_num_threads)
+            write_json_atomic(work / MANIFEST, manifest)
+            fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
         got32 = _run(fp32, kind, xs)
         check32 = _compare(ref, got32, kind, thresholds, tol, labels, "torch", strict=True)
         check8 = check8_32 = recheck = None
@@ -539,6 +583,8 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
                 exclude = _rule_nodes(work / item["file"]) if kind == "branched" and g == 0 else []
                 _quantize(work / item["file"], work / name8, _Reader(fp32.graphs[g].input, per_graph[g]), exclude)
                 items8.append({"file": name8, "outputs": item["outputs"], "sha256": file_sha256(work / name8)})
+            if tune:
+                _tune(work, items8, [g[0] for g in tune_inputs], intra_op_num_threads)
             manifest["graphs"]["int8"] = items8
             write_json_atomic(work / MANIFEST, manifest)
             rt8 = load(work, precision="int8", intra_op_num_threads=intra_op_num_threads)
@@ -558,10 +604,12 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         graphs = {p: {i["file"]: (work / i["file"]).stat().st_size for i in items}
                   for p, items in manifest["graphs"].items()}
         precision = "int8" if "int8" in manifest["graphs"] else "fp32"
+        sessions = {p: {i["file"]: i.get("session", {}).get("name", "all") for i in items}
+                    for p, items in manifest["graphs"].items()}
         _install(work, path, single, manifest)
     return ExportResult(path=path, kind=kind, precision=precision, graphs=graphs, exporter="; ".join(exporters), fp32=check32,
                         int8=check8, int8_vs_fp32=check8_32, recheck=recheck,
-                        seconds=time.perf_counter() - t_start, notes=tuple(notes))
+                        seconds=time.perf_counter() - t_start, notes=tuple(notes), sessions=sessions)
 
 
 def _manifest(net, kind: str, example: torch.Tensor, graphs: dict) -> dict[str, Any]:
@@ -588,11 +636,19 @@ def _manifest(net, kind: str, example: torch.Tensor, graphs: dict) -> dict[str, 
 def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
     """Move the checked artifact from the work folder to ``path`` (file replaced atomically; folder: graphs then manifest)."""
     if single:
+        import json
+
+        import onnx
+
         precision = "int8" if "int8" in manifest["graphs"] else "fp32"
-        src = work / manifest["graphs"][precision][0]["file"]
+        item = manifest["graphs"][precision][0]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        shutil.copyfile(src, tmp)
+        model = onnx.load(str(work / item["file"]))
+        if item.get("session"):
+            session = {k: item["session"][k] for k in ("optimization", "disabled_optimizers")}
+            model.metadata_props.add(key="moco.session", value=json.dumps(session))
+        onnx.save(model, str(tmp))
         os.replace(tmp, path)
         return
     if path.exists() and not path.is_dir():

@@ -27,14 +27,15 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from moco.errors import MocoError
+from moco.io import read_json_document
 
 __all__ = ["BranchedRuntime", "ExitsRuntime", "ModelRuntime", "load", "read_manifest", "MANIFEST",
-           "FORMAT", "VERSION", "KINDS", "PRECISIONS"]
+           "FORMAT", "VERSION", "KINDS", "PRECISIONS", "SESSION_CONFIGS"]
 
 MANIFEST = "manifest.json"
 FORMAT = "moco.deploy"
@@ -52,7 +53,21 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _session(path: Path, threads: int, optimization: str):
+SESSION_CONFIGS: dict[str, dict[str, Any]] = {
+    "all": {"optimization": "all", "disabled_optimizers": []},
+    "all-no-nchwc": {"optimization": "all", "disabled_optimizers": ["NchwcTransformer"]},
+    "extended": {"optimization": "extended", "disabled_optimizers": []},
+}
+"""Session settings :func:`moco.deploy.export` times per graph (``tune=True``) and records in the manifest.
+
+``"all"`` is onnxruntime's default (every graph optimisation, including the NCHWc layout transformer
+that blocks channels by the vector width: a 3-channel convolution is padded to 8 on AVX2 and pays
+for 8, plus the reorders in and out); ``"all-no-nchwc"`` keeps the other optimisations but leaves
+convolutions in NCHW (for convolutions with few channels the plain kernels win); ``"extended"`` also
+skips the layout optimisations."""
+
+
+def _session(path: Path, threads: int, optimization: str, disabled_optimizers: Sequence[str] = ()):
     import onnxruntime as ort
 
     levels = {
@@ -69,8 +84,9 @@ def _session(path: Path, threads: int, optimization: str):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3
+    extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], **extra)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = next((t for t in str(exc).splitlines() if t.strip()), type(exc).__name__)
         raise MocoError(f"{path} is not a loadable ONNX graph ({first.strip()[:200]}); export it again "
@@ -111,12 +127,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise MocoError(f"{folder} has no {MANIFEST}; it is not a folder written by moco.deploy.export")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MocoError(f"{path} is not valid JSON ({exc}); export the model again with moco.deploy.export") from None
-    _require(isinstance(doc, dict) and doc.get("format") == FORMAT, path, f"format is not {FORMAT!r}")
-    _require(doc.get("version") == VERSION, path, f"version {doc.get('version')!r}, this moco reads {VERSION}")
+    doc = read_json_document(path, format=FORMAT, version=VERSION, what="moco deploy manifest (export again with "
+                             "moco.deploy.export)")
     kind = doc.get("kind")
     _require(kind in KINDS, path, f"kind {kind!r} is not one of {KINDS}")
     shape = doc.get("input_shape")
@@ -158,11 +170,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 class _Graph:
-    """One ONNX Runtime session and its input/output names."""
+    """One ONNX Runtime session and its input/output names; ``config`` the session settings used."""
 
-    def __init__(self, path: Path, threads: int, optimization: str):
+    def __init__(self, path: Path, threads: int, optimization: str, disabled_optimizers: Sequence[str] = ()):
         self.path = path
-        self.session = _session(path, threads, optimization)
+        self.config = {"optimization": optimization, "disabled_optimizers": list(disabled_optimizers)}
+        self.session = _session(path, threads, optimization, disabled_optimizers)
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -327,14 +340,27 @@ class ExitsRuntime(_Runtime):
 _RUNTIMES = {"model": ModelRuntime, "branched": BranchedRuntime, "exits": ExitsRuntime}
 
 
+def _graph_config(item: dict, optimization: str | None, where: Path) -> tuple[str, list[str]]:
+    """The session settings of one graph: ``optimization`` when given, else the manifest's tuned ones."""
+    if optimization is not None:
+        return optimization, []
+    session = item.get("session") or SESSION_CONFIGS["all"]
+    level, disabled = session.get("optimization"), session.get("disabled_optimizers", [])
+    if not isinstance(level, str) or not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled):
+        raise MocoError(f"{where} is malformed: graph {item.get('file')!r} has session settings {session!r}; "
+                        "export the model again with moco.deploy.export")
+    return level, disabled
+
+
 def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads: int = 1,
-         optimization: str = "all") -> ModelRuntime | BranchedRuntime | ExitsRuntime:
+         optimization: str | None = None) -> ModelRuntime | BranchedRuntime | ExitsRuntime:
     """Load an exported model: a ``.onnx`` file (plain model) or a folder with ``manifest.json``.
 
     ``precision``: ``"fp32"`` or ``"int8"`` (default: int8 when the folder has it, else fp32);
     ``intra_op_num_threads``: onnxruntime's intra-op threads per session (0: its default, all cores);
-    ``optimization``: onnxruntime's graph optimisation level (``"all"``, ``"extended"``, ``"basic"``,
-    ``"none"``). Every graph's sha256 is checked against the manifest. Raises MocoError for a missing
+    ``optimization``: onnxruntime's graph optimisation level for every graph (``"all"``, ``"extended"``,
+    ``"basic"``, ``"none"``); default: the settings the export measured fastest for each graph (see
+    :data:`SESSION_CONFIGS`; a single ``.onnx`` file reads them from its metadata, else ``"all"``). Every graph's sha256 is checked against the manifest. Raises MocoError for a missing
     path, a malformed manifest, a missing or changed graph, or a precision the folder lacks.
     """
     threads = _check_threads(intra_op_num_threads)
@@ -342,7 +368,15 @@ def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads
     if path.is_file():
         if path.suffix != ".onnx":
             raise MocoError(f"{path} is neither an .onnx file nor a folder written by moco.deploy.export")
-        graph = _Graph(path, threads, optimization)
+        graph = _Graph(path, threads, optimization or "all")
+        tuned = graph.session.get_modelmeta().custom_metadata_map.get("moco.session")
+        if optimization is None and tuned:
+            try:
+                level, disabled = _graph_config({"session": json.loads(tuned), "file": path.name}, None, path)
+            except json.JSONDecodeError:
+                raise MocoError(f"{path} has malformed moco.session metadata {tuned!r}; export it again") from None
+            if (level, disabled) != ("all", []):
+                graph = _Graph(path, threads, level, disabled)
         shape = graph.session.get_inputs()[0].shape[1:]
         manifest = {"kind": "model", "input_shape": shape if all(isinstance(s, int) for s in shape) else None,
                     "num_classes": None}
@@ -363,5 +397,5 @@ def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads
             raise MocoError(f"graph {file} named by {path / MANIFEST} is missing; copy the whole folder or export again")
         if file_sha256(file) != item["sha256"]:
             raise MocoError(f"graph {file} does not match its sha256 in {path / MANIFEST}; it was changed or mixed up")
-        graphs.append(_Graph(file, threads, optimization))
+        graphs.append(_Graph(file, threads, *_graph_config(item, optimization, path / MANIFEST)))
     return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path)
