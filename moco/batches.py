@@ -9,6 +9,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from moco.errors import MocoError
 
+__all__ = ["as_tensors", "check_labels", "iter_batches", "num_samples"]
+
 
 def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(x, y)`` tensors when ``data`` holds them in memory (tensor, pair, or a dataset with ``tensors()``).
@@ -30,6 +32,29 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         x, *rest = data.tensors
         return x, (rest[0] if rest else None)
     return None
+
+
+def check_labels(y: torch.Tensor, num_classes: int | None = None, *, what: str = "labels") -> torch.Tensor:
+    """``y`` as int64 class indices, or MocoError: labels must be integers (or integral floats) in
+    ``0 .. num_classes - 1`` (the model's outputs) and not NaN."""
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    if y.is_floating_point():
+        if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
+            raise MocoError(f"{what} must be integer class indices, got non-integer values (dtype {y.dtype}); "
+                            "pass class indices 0..K-1, not scores or one-hot rows")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise MocoError(f"{what} must be integer class indices, got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise MocoError(f"{what} must be one class index per sample (shape [N]), got shape {tuple(y.shape)}")
+    y = y.long()
+    if y.numel():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            bound = f"0..{num_classes - 1} (the model has {num_classes} outputs)" if num_classes else ">= 0"
+            raise MocoError(f"{what} lie in {low}..{high}, but class indices must be in {bound}; "
+                            "the data does not fit the model")
+    return y
 
 
 def num_samples(data: Any) -> int:

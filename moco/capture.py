@@ -313,7 +313,12 @@ def build_embeddings_and_predictions(
             the input shape and the original error), data whose length is unknown with ``out=``, or
             that yields a different number of samples than its length.
     """
-    split = split_at(model, layer)
+    if out is not None:
+        _check_out_path(out)
+    example = None
+    if isinstance(layer, int) and not isinstance(layer, bool):  # a wrapper's Sequential child: check on batch 1
+        example = next(iter(iter_batches(data, batch_size)), (None, None))[0]
+    split = split_at(model, layer, example_input=example)
     expected = _expected_samples(data)
     with contextlib.ExitStack() as stack:
         target = stack.enter_context(atomic_path(out)) if out is not None else None
@@ -350,6 +355,18 @@ def build_embeddings_and_predictions(
 
 build_embeddings_from_predictions = build_embeddings_and_predictions
 """Alias with the name in seed 000's import line."""
+
+
+def _check_out_path(out: str | os.PathLike) -> None:
+    """Fail before the capture, not after it, for an ``out=`` that cannot become the .npy file."""
+    path = Path(out)
+    if path.is_dir():
+        raise MocoError(f"out={str(out)!r} is a folder; give a file name such as {str(path / 'layer.npy')!r}")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise MocoError(f"out={str(out)!r}: {parent} is a file, not a folder")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise MocoError(f"out={str(out)!r}: the folder {parent} is not writable")
 
 
 def _check_processed(processed: Any, raw: torch.Tensor, processor: Processor | None) -> None:

@@ -15,6 +15,8 @@ from typing import Sequence
 
 from moco.errors import MocoError
 
+__all__ = ["METHOD_COMMANDS", "build_parser", "main"]
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit 2) that points at ``--help``."""

@@ -14,6 +14,8 @@ import torch
 
 from moco.errors import MocoError
 
+__all__ = ["PIPELINE", "run_demo"]
+
 # The user's path through moco; a stage marked available=False is announced but not yet run.
 PIPELINE = (
     ("profile", "moco.profile", "MACs, FLOPs, params, latency per module; the bottleneck", True),

@@ -6,6 +6,8 @@ catch it the usual way; the CLI turns them into exit code 2 and one line on stde
 
 from __future__ import annotations
 
+__all__ = ["CheckpointError", "DataCorruptError", "DataNotFoundError", "MocoError"]
+
 
 class MocoError(ValueError):
     """Bad input to moco: the message names the problem and the fix."""

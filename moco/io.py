@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written artifact (temp file in the same folder, then rename)."""
+"""Atomic file writes: a reader never sees a half-written artifact (temp file in the same folder, then rename,
+with the usual permissions of a new file, 0666 less the umask); safe reads of JSON and torch files."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+__all__ = ["atomic_path", "cache_dir", "read_json_document", "read_torch_file", "write_bytes_atomic",
+           "write_json_atomic"]
 
 
 @contextlib.contextmanager
@@ -23,10 +27,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes 0600; an artifact gets the usual permissions (umask)
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -64,6 +77,39 @@ def read_json_document(path: str | os.PathLike, *, format: str, version: int | N
     if version is not None and doc.get("version") != version:
         raise error(f"{path} has {what} version {doc.get('version')}; this moco reads version {version}")
     return doc
+
+
+def read_torch_file(path: str | os.PathLike, *, what: str, error: type[Exception] | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with one clear error for every way a file can be bad.
+
+    A file holding Python objects other than tensors and plain values is refused (nothing is
+    unpickled: that would run code); a truncated file, random bytes or another format get "truncated or
+    not written by torch.save". ``what`` names the file's role in the message (``"weights"``,
+    ``"checkpoint"``); ``error`` is the exception class (default :class:`moco.errors.MocoError`).
+    """
+    import torch
+
+    from moco.errors import MocoError
+
+    error = error or MocoError
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder; give the file")
+    if not path.is_file():
+        raise error(f"{what} file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; the user needs one message
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        # only a real object in the file names a global; anything else (IndexError, "Unpickler error",
+        # torch's "please file an issue") is a file that is not a torch.save archive
+        globals_ = [ln for ln in lines if "unsupported global" in ln.lower()]
+        if globals_:
+            detail = (f"it holds Python objects other than tensors and plain values ({globals_[-1]}), which are "
+                      "never unpickled; save model.state_dict()")
+        else:
+            detail = "it is truncated or was not written by torch.save"
+        raise error(f"cannot read {what} {path} safely (weights_only=True): {detail}") from None
 
 
 def cache_dir() -> Path:

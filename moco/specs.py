@@ -175,16 +175,9 @@ def _call_builder(builder: Any, args: Mapping[str, Any], spec: str) -> nn.Module
 
 
 def _read_weights(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; the user needs one message
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        reason = [ln for ln in lines if "Unsupported global" in ln or "Unpickler error" in ln]
-        if reason:
-            detail = f"it holds objects other than tensors and plain values ({reason[-1]}); save model.state_dict()"
-        else:
-            detail = "it is truncated or was not written by torch.save"
-        raise MocoError(f"cannot read weights {path} safely (weights_only=True): {detail}") from None
+    from moco.io import read_torch_file
+
+    return read_torch_file(path, what="weights")
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -206,8 +199,6 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     Raises MocoError naming the file for an unreadable file or keys/shapes that do not fit the model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MocoError(f"weights file {path} does not exist")
     state = _state_dict_of(_read_weights(path), path)
     expected = set(model.state_dict())
     if set(state) != expected:

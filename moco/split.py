@@ -42,11 +42,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from moco.errors import MocoError
 
-__all__ = ["ModelSplit", "split_at", "split_points"]
+__all__ = ["ModelSplit", "sequential_child", "split_at", "split_points"]
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,33 @@ def _suggest_boundary(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def split_at(model: nn.Module, layer: int | str) -> ModelSplit:
+def sequential_child(model: nn.Module, example_input: torch.Tensor | None) -> tuple[str, nn.Sequential] | None:
+    """``(name, child)`` when ``model`` wraps a single plain ``nn.Sequential`` child and computes exactly what
+    it computes on ``example_input`` (a Lightning module whose ``forward`` is ``self.model(x)``, as in
+    seed 000); else None. Other children (losses, metrics) may exist; the check runs in eval mode under
+    ``no_grad`` with the training flags restored."""
+    if example_input is None or _is_plain_sequential(model):
+        return None
+    seqs = [(n, c) for n, c in model.named_children() if _is_plain_sequential(c)]
+    if len(seqs) != 1:
+        return None
+    name, child = seqs[0]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            a, b = model(example_input), child(example_input)
+    except Exception:
+        return None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b):
+        return name, child
+    return None
+
+
+def split_at(model: nn.Module, layer: int | str, *, example_input: torch.Tensor | None = None) -> ModelSplit:
     """Split ``model`` after ``layer`` into a head and a tail with ``tail(head(x)) == model(x)``.
 
     Args:
@@ -243,6 +270,8 @@ def split_at(model: nn.Module, layer: int | str) -> ModelSplit:
             ``model[k:]``, ``1 <= k < len(model)``), or the ``str`` qualified name of the module
             after whose output to split (``"layer1"``, ``"fc1"``, ``"layer2.0"``; for a Sequential,
             ``"1"`` is index 2).
+        example_input: an input batch; with it an int ``layer`` also indexes the single Sequential
+            child of a wrapper that computes what that child computes (:func:`sequential_child`).
 
     Returns:
         :class:`ModelSplit`: ``head`` maps input ``[N, ...]`` to the activation at the split point,
@@ -260,10 +289,17 @@ def split_at(model: nn.Module, layer: int | str) -> ModelSplit:
         raise TypeError(f"layer must be an int split index or a str module name, not {type(layer).__name__}")
     if isinstance(layer, int):
         if not _is_plain_sequential(model):
-            raise MocoError(
-                f"an int layer is a split index into an nn.Sequential, but the model is "
-                f"{_model_label(model)}; pass a module name instead (split_points(model) lists them)"
-            )
+            wrapped = sequential_child(model, example_input)
+            if wrapped is None:
+                hint = ("" if example_input is not None else
+                        " (with example_input, a wrapper whose forward is its single Sequential child's is indexed)")
+                raise MocoError(
+                    f"an int layer is a split index into an nn.Sequential, but the model is "
+                    f"{_model_label(model)}; pass a module name instead (split_points(model) lists them){hint}"
+                )
+            name, child = wrapped
+            inner = _sequential_split(child, layer)
+            return ModelSplit(inner.head, inner.tail, f"{name}.{inner.point}", inner.index)
         return _sequential_split(model, layer)
 
     _check_name(model, layer)

@@ -13,6 +13,8 @@ from scipy.stats import beta
 
 from moco.errors import MocoError
 
+__all__ = ["clopper_pearson_lower", "clopper_pearson_upper", "min_samples_for"]
+
 
 def _check(k, n, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     if not 0.0 < confidence < 1.0:

@@ -20,9 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from moco.batches import iter_batches, num_samples
+from moco.batches import check_labels, iter_batches, num_samples
 from moco.errors import CheckpointError, MocoError
 from moco.io import atomic_path, cache_dir
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "EpochLog", "Evaluation", "FitResult", "check_distillation",
+    "distillation_loss", "evaluate", "fit", "load_checkpoint", "predict", "pretrained", "save_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "moco.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -77,7 +82,7 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         raise MocoError("training and evaluation need labels: pass (x, y), a labelled Dataset or a DataLoader")
     if not torch.isfinite(x).all():
         raise MocoError("the inputs contain NaN or inf; clean or normalise the data first")
-    return y.long()
+    return check_labels(y)
 
 
 def check_distillation(distillation: float, temperature: float) -> None:
@@ -182,6 +187,7 @@ def fit(
             for x, y in iter_batches(train_data, batch_size, shuffle=True, generator=gen):
                 y = _check_batch(x, y)
                 logits = model(x)
+                check_labels(y, int(logits.shape[-1]), what="training labels")
                 loss = F.cross_entropy(logits, y)
                 if teacher is not None and distillation > 0:
                     with torch.no_grad():
@@ -284,16 +290,10 @@ def save_checkpoint(
 
 
 def _read_checkpoint(path: str | Path) -> dict:
+    from moco.io import read_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; the user needs one message
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        reason = [ln for ln in lines if "Unpickler error" in ln or "Unsupported global" in ln]
-        last = (reason or lines or [type(exc).__name__])[-1]
-        raise CheckpointError(f"cannot read checkpoint {path} safely (weights_only=True): {last}") from None
+    state = read_torch_file(path, what="checkpoint", error=CheckpointError)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint {path} has version {state.get('version')}; this moco reads {CHECKPOINT_VERSION}")
@@ -316,7 +316,16 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> tuple[n
         arch = state.get("arch")
         if not arch:
             raise CheckpointError(f"checkpoint {path} does not name its architecture; pass model= to load it into yours")
-        model = create(arch["name"], **arch.get("kwargs", {}))
+        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+            raise CheckpointError(f"checkpoint {path} has an arch that is not {{'name': <zoo model>, 'kwargs': {{...}}}} "
+                                  f"(got {type(arch).__name__}); pass model= to load it into your architecture")
+        kwargs = arch.get("kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise CheckpointError(f"checkpoint {path}: arch kwargs must be a dict, got {type(kwargs).__name__}")
+        try:
+            model = create(arch["name"], **kwargs)
+        except (TypeError, MocoError) as exc:
+            raise CheckpointError(f"checkpoint {path} names an architecture moco cannot build: {exc}") from None
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as exc:

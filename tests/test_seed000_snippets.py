@@ -26,12 +26,36 @@ N_IMAGES = 400
 MAX_ERROR = 0.1  # what 100 held-out samples can certify
 
 
+class LitCNN(torch.nn.Module):
+    """Seed 000's ``m``: a Lightning-style wrapper whose ``.model`` is the ``nn.Sequential`` and whose forward
+    is that child's (plus a loss module, as Lightning modules have)."""
+
+    def __init__(self):
+        super().__init__()
+        from moco.models import create
+
+        self.model = create("seed_cnn")
+        self.loss = torch.nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.model(x)
+
+
 @pytest.fixture(scope="module")
 def m():
-    from moco.models import create
-
     torch.manual_seed(0)
-    return create("seed_cnn").eval()
+    return LitCNN().eval()
+
+
+def test_an_int_layer_on_a_wrapper_that_is_not_its_child_is_refused(data):
+    from moco import build_embeddings_and_predictions
+
+    class Softmaxed(LitCNN):
+        def forward(self, x):
+            return self.model(x).softmax(1)
+
+    with pytest.raises(MocoError, match="an int layer is a split index into an nn.Sequential"):
+        build_embeddings_and_predictions(Softmaxed().eval(), data[:10], 2, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +162,7 @@ def test_branched_network_snippet(analytics, m, data):
         # Load from moco.AnalyticsEngine, or cached from disk.
         rule = load_rule(analytics["tmp"] / f"mnist_rule_{pred}")
         print(rule.class_, rule.decision_function_)
-        new_model = BranchedNetwork(m, layer = 2, rule = rule)
+        new_model = BranchedNetwork(m.model, layer = 2, rule = rule)
         total_experimental_time = 0
 
         bl_time = 0
@@ -155,7 +179,7 @@ def test_branched_network_snippet(analytics, m, data):
             total_experimental_time += end - start
 
             start = time.time()
-            p_old = m(x)
+            p_old = m.model(x)
             end = time.time()
             bl_time += end - start
 
@@ -207,10 +231,10 @@ def test_seed_workflow_when_the_top_class_is_never_predicted(analytics, m, data)
                         progress=False)
     c = int(np.bincount(preds[keep]).argmax())
     rule, _ = ae.compute_linear_sufficient_rule("predictions", c, fit_on_val=True, max_error=0.2)
-    new_model = BranchedNetwork(m, layer=2, rule=rule)
+    new_model = BranchedNetwork(m.model, layer=2, rule=rule)
     x = data[:100].type(torch.FloatTensor)
     p_new, mask = new_model(x)
     with torch.no_grad():
-        p_old = m(x)
+        p_old = m.model(x)
     assert p_new.shape == p_old.shape == (100, 10)
     assert (p_new[~mask].argmax(1) == p_old[~mask].argmax(1)).all()

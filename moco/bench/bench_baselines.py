@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from moco.bench.registry import register
 
+__all__ = ["BATCH_SIZE", "bench_baselines"]
+
 BATCH_SIZE = 1000
 
 

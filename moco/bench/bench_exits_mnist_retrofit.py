@@ -25,6 +25,8 @@ import torch
 
 from moco.bench.registry import register
 
+__all__ = ["CONFIDENCE", "POINT", "RULES_MAX_ERROR", "TARGET", "bench_exits_mnist_retrofit"]
+
 POINT = 2
 TARGET = 0.005
 CONFIDENCE = 0.95

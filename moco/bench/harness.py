@@ -30,6 +30,8 @@ import torch
 
 from moco.errors import MocoError
 
+__all__ = ["Comparison", "Timing", "compare"]
+
 
 @dataclass(frozen=True)
 class Timing:

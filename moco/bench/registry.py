@@ -26,6 +26,8 @@ from typing import Any, Callable, TextIO
 
 from moco.errors import MocoError
 
+__all__ = ["BENCHMARK_MODULES", "Benchmark", "list_benchmarks", "register", "run_benchmark"]
+
 #: Built-in benchmark name -> module that registers it when imported.
 BENCHMARK_MODULES: dict[str, str] = {
     "baselines": "moco.bench.bench_baselines",

@@ -8,3 +8,5 @@
 * :mod:`moco.compress.finetune`, :mod:`moco.compress.report` -- fine-tuning after surgery and the
   before/after report measured side by side.
 """
+
+__all__ = []

@@ -16,6 +16,8 @@ from torch import nn
 from moco.batches import num_samples
 from moco.errors import MocoError
 
+__all__ = ["finetune", "recalibrate_batchnorm"]
+
 
 def finetune(
     model: nn.Module,

@@ -13,6 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = [
+    "CIFAR10", "CIFAR10_ARCHIVE_FOLDER", "CIFAR10_ARCHIVE_MD5", "CIFAR10_ARCHIVE_URL",
+    "CIFAR10_RECORD_BYTES", "DATASETS", "DatasetSpec", "FASHION_MNIST", "FASHION_MNIST_MIRRORS", "FileSpec",
+    "MNIST", "MNIST_MIRRORS",
+]
+
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
 CIFAR10_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"

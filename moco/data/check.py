@@ -13,6 +13,8 @@ from moco.data.payload import GZIP_MAGIC, decompress
 from moco.data.root import locate_file, resolve_root
 from moco.errors import DataCorruptError
 
+__all__ = ["DataCheck", "DatasetCheck", "check_root", "file_md5_ok"]
+
 
 def file_md5_ok(path: Path, file: FileSpec) -> bool:
     """Whether ``path`` holds ``file``'s published content.

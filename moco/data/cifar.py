@@ -17,6 +17,8 @@ from moco.data.catalog import CIFAR10_RECORD_BYTES
 from moco.data.payload import corrupt, read_payload
 from moco.io import atomic_path
 
+__all__ = ["encode_cifar_batch", "parse_cifar_batch", "read_cifar_batch", "write_cifar_batch"]
+
 
 def parse_cifar_batch(data: bytes, path: str | Path, *, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Parse uncompressed batch bytes into (images uint8 (N, 3, 32, 32), labels int64 (N,)).

@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 from moco.errors import MocoError
 
+__all__ = ["ImageDataset"]
+
 
 @dataclass(frozen=True, eq=False, repr=False)
 class ImageDataset(Dataset):

@@ -10,6 +10,8 @@ from moco.data.dataset import ImageDataset
 from moco.data.split import split_indices
 from moco.errors import MocoError
 
+__all__ = ["DIGITS_SOURCE", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "load_digits"]
+
 DIGITS_SOURCE = "sklearn digits (embedded)"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0

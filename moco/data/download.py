@@ -24,6 +24,8 @@ from moco.data.root import dataset_folders, download_root, locate_file
 from moco.errors import DataCorruptError, DataNotFoundError
 from moco.io import write_bytes_atomic
 
+__all__ = ["DOWNLOAD_TIMEOUT_S", "download_dataset", "fetch_verified", "md5_hex"]
+
 DOWNLOAD_TIMEOUT_S = 60.0
 """Socket timeout for one download, in seconds (per network operation, not for the whole transfer)."""
 

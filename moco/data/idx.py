@@ -17,6 +17,11 @@ import numpy as np
 from moco.data.payload import corrupt, read_payload
 from moco.io import atomic_path
 
+__all__ = [
+    "IMAGES_MAGIC", "LABELS_MAGIC", "encode_idx", "parse_idx", "read_idx_images", "read_idx_labels",
+    "write_idx",
+]
+
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 

@@ -19,6 +19,11 @@ from moco.data.payload import FIX, corrupt
 from moco.data.root import download_root, find_split, missing_error, search_roots
 from moco.errors import DataCorruptError, DataNotFoundError, MocoError
 
+__all__ = [
+    "DATASET_NAMES", "available_datasets", "canonical_name", "load_cifar10", "load_dataset",
+    "load_fashion_mnist", "load_mnist",
+]
+
 Root = str | os.PathLike | None
 
 

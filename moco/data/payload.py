@@ -8,6 +8,8 @@ from pathlib import Path
 
 from moco.errors import DataCorruptError
 
+__all__ = ["FIX", "GZIP_MAGIC", "corrupt", "decompress", "read_payload"]
+
 GZIP_MAGIC = b"\x1f\x8b"
 FIX = "delete it and re-download, or point MOCO_DATA at a good copy"
 

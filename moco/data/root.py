@@ -24,6 +24,11 @@ from moco.data.catalog import DatasetSpec, FileSpec
 from moco.errors import DataNotFoundError
 from moco.io import cache_dir
 
+__all__ = [
+    "ENV_VAR", "dataset_folders", "default_download_root", "download_root", "find_split", "locate_file",
+    "locate_files", "missing_error", "resolve_root", "search_roots",
+]
+
 ENV_VAR = "MOCO_DATA"
 
 

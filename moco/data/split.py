@@ -8,6 +8,8 @@ import numpy as np
 
 from moco.data.dataset import ImageDataset
 
+__all__ = ["split", "split_indices"]
+
 
 def _count(n: int, fraction: float) -> int:
     return int(math.floor(n * fraction + 0.5))

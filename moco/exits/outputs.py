@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moco.batches import iter_batches, num_samples
+from moco.batches import check_labels, iter_batches, num_samples
 from moco.errors import MocoError
 from moco.exits.criteria import Criterion
 from moco.exits.network import EarlyExitNetwork
@@ -69,7 +69,7 @@ def collect_outputs(net: EarlyExitNetwork, data: Any, *, batch_size: int = 512, 
             if y is None:
                 has_labels = False
             else:
-                labels.append(y.long())
+                labels.append(check_labels(y, net.num_classes))
             bar.update(len(x))
         bar.close()
     finally:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moco.batches import iter_batches, num_samples
+from moco.batches import check_labels, iter_batches, num_samples
 from moco.errors import MocoError
 from moco.exits.network import EarlyExitNetwork
 from moco.train import check_distillation, distillation_loss
@@ -177,7 +177,7 @@ def train_exits(
                 for x, y in iter_batches(train_data, batch_size, shuffle=True, generator=gen):
                     if y is None:
                         raise MocoError("training needs labels: pass (x, y), a labelled Dataset or a DataLoader")
-                    y = y.long()
+                    y = check_labels(y, net.num_classes, what="training labels")
                     if mode == "joint":
                         outs = net.forward_all(x)
                     else:  # the frozen backbone runs only up to the last exit point: the final exit cannot change

@@ -10,6 +10,8 @@ from torch import nn
 
 from moco.errors import MocoError
 
+__all__ = ["ModelSpec", "create", "get_spec", "input_shape", "list_models", "register"]
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -9,6 +9,11 @@ from torch import nn
 
 from moco.models.registry import register
 
+__all__ = [
+    "BasicBlock", "DepthwiseSeparable", "LeNet5", "MobileNetV1", "ResNet18", "fashion_cnn", "lenet5",
+    "mobilenet_v1", "resnet18", "seed_cnn", "vgg_bn",
+]
+
 
 def _check_positive(**values) -> None:
     for key, value in values.items():

@@ -23,8 +23,11 @@ import numpy as np
 import torch
 
 from moco.errors import MocoError
+from moco.rules.report import RuleReport, warn_if_uncertified
 from moco.rules.rule import KINDS, LinearRule, RuleSet
 from moco.rules.scorer import LinearScorer, fit_linear_scorer, score_rows
+
+__all__ = ["AnalyticsEngine"]
 from moco.rules.threshold import ThresholdChoice, select_threshold
 
 
@@ -89,6 +92,9 @@ class AnalyticsEngine:
             if arr.shape[0] != n:
                 raise MocoError(f"column {name!r} has {arr.shape[0]} rows but features have {n}; they must match")
             if arr.ndim == 2:
+                if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+                    raise MocoError(f"column {name!r} has NaN or inf scores (or is not numeric); "
+                                    "check the model's outputs before fitting rules")
                 classes = np.arange(arr.shape[1])
                 arr = arr.argmax(axis=1)
             elif arr.ndim == 1:
@@ -222,7 +228,10 @@ class AnalyticsEngine:
             out["certified"] = False
         rule = LinearRule(scorer.weight, scorer.bias, tuple(int(c) for c in scorer.classes),
                           {value: choice.threshold}, kind=kind, layer=self.layer, info=out)
-        return rule, out
+        report = RuleReport(out)
+        if fit_on_val:
+            warn_if_uncertified(report, self.layer, self.features.shape[0])
+        return rule, report
 
     def compute_linear_sufficient_rules(
         self,
@@ -308,7 +317,10 @@ class AnalyticsEngine:
         })
         rules = RuleSet(scorer.weight, scorer.bias, tuple(class_list), thresholds, kind=kind, policy=policy,
                         layer=self.layer, info=report)
-        return rules, report
+        out = RuleReport(report)
+        if fit_on_val:
+            warn_if_uncertified(out, self.layer, self.features.shape[0])
+        return rules, out
 
     def assign_rows(self, rules: RuleSet, rows: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """``rules.assign`` over the given feature rows, in batches: ``(mask [n] bool, classes [n] int)``."""

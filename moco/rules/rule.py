@@ -28,8 +28,19 @@ import torch
 from moco.errors import MocoError
 from moco.io import read_json_document, write_bytes_atomic, write_json_atomic
 
+__all__ = ["KINDS", "LinearRule", "RuleSet", "load_rule", "load_rules"]
+
 RULES_FORMAT = "moco.rules"
-RULES_VERSION = 1
+# version 2 adds "decision_sha256": a checksum of the fields that decide where a sample exits (classes,
+# thresholds, bias, kind, policy, layer), so an edited threshold is caught like an edited weight file
+RULES_VERSION = 2
+_DECISION_FIELDS = ("classes", "thresholds", "bias", "kind", "policy", "layer", "n_features")
+
+
+def _decision_digest(meta: dict[str, Any]) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps({k: meta.get(k) for k in _DECISION_FIELDS}, sort_keys=True).encode()).hexdigest()
 KINDS = ("margin", "linear")
 POLICIES = ("abstain", "max_score")
 
@@ -173,6 +184,7 @@ class RuleSet:
         write_bytes_atomic(npz, blob)
         meta = self.metadata
         meta["weights"].update({"file": npz.name, "sha256": hashlib.sha256(blob).hexdigest()})
+        meta["decision_sha256"] = _decision_digest(meta)
         return write_json_atomic(base.with_name(base.name + ".json"), meta)
 
 
@@ -216,7 +228,12 @@ def load_rules(path: str | Path) -> RuleSet:
     jpath = base.with_name(base.name + ".json")
     if not jpath.is_file():
         raise MocoError(f"rule file {jpath} does not exist")
-    meta = read_json_document(jpath, format=RULES_FORMAT, version=RULES_VERSION, what="moco rule file")
+    meta = read_json_document(jpath, format=RULES_FORMAT, what="moco rule file")
+    if meta.get("version") not in (1, RULES_VERSION):
+        raise MocoError(f"{jpath} has moco rule file version {meta.get('version')}; this moco reads 1 and {RULES_VERSION}")
+    if meta.get("version") == RULES_VERSION and meta.get("decision_sha256") != _decision_digest(meta):
+        raise MocoError(f"{jpath}: its classes, thresholds or bias do not match the file's checksum; the file was "
+                        "edited or damaged: fit and save the rules again")
     try:
         weights_meta = meta["weights"]
         npz = jpath.with_name(weights_meta["file"])
@@ -230,11 +247,36 @@ def load_rules(path: str | Path) -> RuleSet:
     blob = npz.read_bytes()
     if hashlib.sha256(blob).hexdigest() != sha:
         raise MocoError(f"{npz} does not match the checksum in {jpath}; the pair was changed or mixed up")
-    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-        weight, bias = data["weight"], data["bias"]
-    if list(weight.shape) != shape or weight.shape[0] != n_features:
+    import zipfile
+
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            weight, bias = data["weight"], data["bias"]
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise MocoError(f"{npz} is not a readable moco rule weights file ({type(exc).__name__}); save the rules "
+                        "again") from None
+    if list(weight.shape) != shape or weight.ndim != 2 or weight.shape[0] != n_features:
         raise MocoError(f"{npz} holds weights of shape {weight.shape}, {jpath} promises {shape}")
-    thresholds = {int(c): (math.inf if t is None else float(t)) for c, t in raw_thresholds.items()}
+    if not isinstance(classes, list) or len(classes) != weight.shape[1] or len(bias) != weight.shape[1]:
+        raise MocoError(f"{jpath}: classes, bias and weights disagree on the number of classes")
+    if not np.all(np.isfinite(weight)) or not np.all(np.isfinite(bias)):
+        raise MocoError(f"{npz} holds NaN or inf weights; fit and save the rules again")
+    if not isinstance(raw_thresholds, dict):
+        raise MocoError(f"{jpath}: thresholds must be a table of class -> number")
+    thresholds = {}
+    for c, t in raw_thresholds.items():
+        try:
+            key = int(c)
+        except (TypeError, ValueError):
+            raise MocoError(f"{jpath}: threshold key {c!r} is not a class index") from None
+        if key not in classes:
+            raise MocoError(f"{jpath}: a threshold for class {key}, which is not among the rule classes {classes}")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise MocoError(f"{jpath}: the threshold of class {key} is {t!r}; thresholds are finite numbers "
+                            "(or null for a rule that never fires)")
+        if t is not None and kind == "margin" and t < 0:
+            raise MocoError(f"{jpath}: the margin threshold of class {key} is {t} < 0; margins thresholds are >= 0")
+        thresholds[key] = math.inf if t is None else float(t)
     cls = LinearRule if meta.get("type") == "LinearRule" else RuleSet
     return cls(weight, bias, tuple(int(c) for c in classes), thresholds, kind=kind,
                policy=policy, layer=meta.get("layer"), info=meta.get("info", {}))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+__all__ = ["LinearScorer", "fit_linear_scorer", "rows_as_tensor", "score_rows"]
+
 
 @dataclass(frozen=True)
 class LinearScorer:

@@ -21,6 +21,8 @@ import numpy as np
 from moco.errors import MocoError
 from moco.stats import clopper_pearson_upper, min_samples_for
 
+__all__ = ["ThresholdChoice", "select_threshold"]
+
 
 @dataclass(frozen=True)
 class ThresholdChoice:

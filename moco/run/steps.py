@@ -215,7 +215,8 @@ def _pfa(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     try:
         table = PFA.show(loop.recipes_)
         files.append(_write_text(out / "recipe.txt", frame_text(table)))
-        files.append(str(PFA.show(loop.recipes_, kind="chart", path=out / "recipe.png")))
+        PFA.show(loop.recipes_, kind="chart", path=out / "recipe.png")
+        files.append(str(out / "recipe.png"))
     except (MocoError, TypeError, AttributeError):
         table = None
     summary = {"fraction": loop.fraction_, "kept_units": {k: len(v) for k, v in loop.keep_.items()},
@@ -287,8 +288,14 @@ def _rules(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     feats, preds = build_embeddings_and_predictions(model, x, layer, processor=processor, progress=ctx.progress)
     ae = AnalyticsEngine(feats.reshape(len(feats), -1), {"predictions": preds.argmax(1)}, layer=layer, seed=ctx.seed,
                          progress=ctx.progress)
-    rules, report = ae.compute_linear_sufficient_rules("predictions", max_error=float(p["max_error"]),
-                                                      confidence=float(p["confidence"]), kind=p["kind"])
+    import warnings
+
+    from moco.rules.report import UncertifiedRuleWarning
+
+    with warnings.catch_warnings():  # an uncertified set fails the step below, with the same advice
+        warnings.simplefilter("ignore", UncertifiedRuleWarning)
+        rules, report = ae.compute_linear_sufficient_rules("predictions", max_error=float(p["max_error"]),
+                                                          confidence=float(p["confidence"]), kind=p["kind"])
     coverage = report["coverage_val"]
     if not report["certified"] or not coverage:
         raise MocoError(f"rules at layer {layer!r} certified nothing (held-out coverage {coverage:.1%} at "
