@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
-from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import torch

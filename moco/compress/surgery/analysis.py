@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import operator
 from dataclasses import dataclass, field
 
