@@ -111,6 +111,13 @@ class CalibrationResult:
             f"({self.macs_reduction:.2f}x fewer)",
         ])
 
+    def to_frame(self):
+        """One row per tested threshold vector of the family: level, thresholds, risk, bound, MACs."""
+        import pandas as pd
+
+        return pd.DataFrame([{"lam": p.lam, "thresholds": list(p.thresholds), "risk": p.risk, "bound": p.bound,
+                              "macs": p.macs, "certified": p.certified} for p in self.family])
+
     def __str__(self) -> str:
         return self.to_text()
 

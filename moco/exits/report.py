@@ -95,6 +95,13 @@ class ExitReport:
                      f"({self.macs_reduction:.2f}x fewer){timed}")
         return "\n".join(lines)
 
+    def to_frame(self):
+        """One row per exit: samples that left there, their share and accuracy."""
+        import pandas as pd
+
+        return pd.DataFrame([{"exit": i, "count": c, "fraction": f, "accuracy": a} for i, (c, f, a) in
+                             enumerate(zip(self.exit_counts, self.exit_fractions, self.accuracy_per_exit))])
+
     def __str__(self) -> str:
         return self.to_text()
 
@@ -202,6 +209,22 @@ class TradeoffCurve:
                 "points": [{"quantile": p.quantile, "thresholds": list(p.thresholds), "accuracy": p.accuracy,
                             "agreement": p.agreement, "expected_macs": p.expected_macs,
                             "exit_fractions": list(p.exit_fractions)} for p in self.points]}
+
+    def to_frame(self):
+        """One row per point of the curve: quantile, accuracy, agreement, expected MACs per sample."""
+        import pandas as pd
+
+        return pd.DataFrame([{"quantile": p.quantile, "accuracy": p.accuracy, "agreement": p.agreement,
+                              "expected_macs": p.expected_macs} for p in self.points])
+
+    def to_text(self) -> str:
+        from moco.results import frame_text
+
+        return (f"accuracy vs MACs over {len(self.points)} threshold settings (full model "
+                f"{self.full_macs / 1e6:.3f} M MACs per sample)\n{frame_text(self.to_frame())}")
+
+    def __str__(self) -> str:
+        return self.to_text()
 
     def lowest_macs(self, min_accuracy: float) -> TradeoffPoint | None:
         """The point with the fewest expected MACs whose accuracy is >= ``min_accuracy`` (a fraction), if any."""

@@ -44,6 +44,32 @@ class ExitTrainResult:
     history: tuple[ExitEpochLog, ...]
     seconds: float
 
+    def to_dict(self) -> dict:
+        """JSON-safe: mode, weights, seconds and the per-epoch history."""
+        from dataclasses import asdict
+
+        from moco.results import json_safe
+
+        return json_safe({"mode": self.mode, "weights": list(self.weights), "seconds": self.seconds,
+                          "history": [asdict(h) for h in self.history]})
+
+    def to_frame(self):
+        """One row per epoch: loss, train accuracy of each exit (``train_acc_i``), seconds."""
+        import pandas as pd
+
+        return pd.DataFrame([{"epoch": h.epoch, "loss": h.loss,
+                              **{f"train_acc_{i}": a for i, a in enumerate(h.train_accuracy)},
+                              **({f"val_acc_{i}": a for i, a in enumerate(h.val_accuracy)} if h.val_accuracy else {}),
+                              "seconds": h.seconds} for h in self.history])
+
+    def to_text(self) -> str:
+        from moco.results import frame_text
+
+        return f"exit training ({self.mode}, weights {list(self.weights)}, {self.seconds:.1f} s)\n{frame_text(self.to_frame())}"
+
+    def __str__(self) -> str:
+        return self.to_text()
+
 
 def default_weights(num_exits: int) -> tuple[float, ...]:
     """Seed 004's loss weights: 1.0 for the first exit, 0.3 for every other exit (the final one included)."""
