@@ -25,6 +25,8 @@ SMALL = {
     "rules": {"samples": N_TRAIN, "max_error": 0.3},
     "export": {"calibration_samples": 64},
     "profile": {"latency": False},
+    "approx": {"gradient_epochs": 1, "approx_epochs": 1, "calibration_samples": 256, "selection_samples": 128},
+    "quantize": {"calibration_samples": 256},
 }
 
 

@@ -47,6 +47,12 @@ STEP_PARAMS: dict[str, dict[str, Any]] = {
     "rules": {"layer": None, "max_error": 0.002, "confidence": 0.95, "samples": 20000, "pooling": None,
               "kind": "margin"},
     "export": {"int8": False, "calibration_samples": 512, "threads": 1},
+    "quantize": {"epochs": 1, "lr": 1e-4, "per_channel": True, "observer": "frozen", "calibration_samples": 2048,
+                 "batch_size": 128},
+    "approx": {"quant_epochs": 1, "gradient_epochs": 3, "approx_epochs": 2, "lr": 1e-3, "approx_lr": 5e-4,
+               "batch_size": 128, "lmbd": 0.2, "initial_noise": 0.025, "sigma_max": 0.5, "per_channel": False,
+               "observer": "frozen", "calibration_samples": 2048, "selection_samples": 512, "multipliers": None,
+               "uniform": "closest"},
 }
 
 _PROTECTED = {"method"}
@@ -339,8 +345,51 @@ def _export(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
                        None, [str(target)], changed)
 
 
+# ------------------------------------------------------------------------------------ quantize/approx
+
+def _quantize(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco.approx import train_quant
+
+    model = stage.require_model("quantize")
+    q = train_quant(model, ctx.fit.tensors(), epochs=int(p["epochs"]), lr=float(p["lr"]),
+                    batch_size=int(p["batch_size"]), per_channel=bool(p["per_channel"]), observer=p["observer"],
+                    calibration_samples=int(p["calibration_samples"]), seed=ctx.seed, progress=ctx.progress).eval()
+    files = []
+    try:
+        from moco.approx.quant import export_qdq
+
+        res = export_qdq(q, out / "model_qdq.onnx", ctx.example)
+        files.append(str(out / "model_qdq.onnx"))
+        text = res.to_text() if hasattr(res, "to_text") else ""
+    except MocoError as exc:
+        text = f"QDQ export skipped: {exc}"
+    changed = f"8-bit quantization-aware training ({p['epochs']} epoch(s), fake-quant int8 weights and activations)"
+    return StepOutcome(Stage("model", q, q), {"per_channel": p["per_channel"]}, f"{changed}\n\n{text}", None, files,
+                       changed)
+
+
+def _approx(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
+    from moco.approx import run_approx
+
+    model = stage.require_model("approx")
+    config = {**p, "seed": ctx.seed, "progress": ctx.progress, "baseline_epochs": 0}
+    lines: list[str] = []
+    res = run_approx(model, ctx.fit.tensors(), ctx.holdout.tensors(), config, log=lines.append)
+    summary = json_safe(res.to_dict())
+    files = [str(write_json_atomic(out / "approx.json", summary))]
+    res.selection.plot(out / "selection.png")  # the seed's two bar charts: energy and ops per layer
+    files.append(str(out / "selection.png"))
+    changed = (f"approximate multipliers per layer (simulated): relative multiplication energy "
+               f"{res.energy_ratio:.3f} of exact int8 (one multiplier everywhere: {res.energy_ratio_uniform:.3f})")
+    text = "\n".join(lines) + ("\n\n" + res.to_text() if hasattr(res, "to_text") else "")
+    # the LUT layers simulate the hardware: their CPU time is not the deployed time, the energy ratio is the gain
+    return StepOutcome(Stage("model", res.approx_model.eval(), res.approx_model), summary, f"{changed}\n\n{text}",
+                       None, files, changed)
+
+
 STEP_METHODS: dict[str, Callable[[RunContext, Stage, dict, Path], StepOutcome]] = {
     "profile": _profile, "prune": _prune, "pfa": _pfa, "exits": _exits, "rules": _rules, "export": _export,
+    "quantize": _quantize, "approx": _approx,
 }
 
 
