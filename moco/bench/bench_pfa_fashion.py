@@ -253,8 +253,8 @@ def bench_pfa_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Path 
         kl2 = again.get_recipe(strategy=PFA.Strategy.KL(), unit_strategy=PFA.UnitSelectionStrategy.AbsMax())
         out("\nPFA KL on the fine-tuned KL model (second iteration):")
         out(PFA.show(kl2, include_columns=cols).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        _, rows["kl_x2"] = _run_recipe("kl_x2", base, first, kl2, block_responses(first), data, cfg, seed, out,
-                                       out_dir)
+        smalls["kl_x2"], rows["kl_x2"] = _run_recipe("kl_x2", base, first, kl2, block_responses(first), data, cfg,
+                                                     seed, out, out_dir)
 
     meeting = {k: r for k, r in rows.items() if r["accuracy_drop_points"] <= TARGET_DROP_POINTS}
     if meeting:
@@ -276,7 +276,29 @@ def bench_pfa_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Path 
         f"target (>= {TARGET_MACS:g}x MACs at <= {TARGET_DROP_POINTS} points): {'met' if met else 'MISSED'}")
     if chart is not None:
         out(f"chart: {chart}; table: {out_dir / 'recipes.csv'}")
+
+    # deployed: the chosen small model in ONNX Runtime, FP32 and int8 (calibrated on 1,000 training images),
+    # against the original's honest baselines, side by side at batch 1000
+    from moco.bench.baselines import compare_deployed, stage_table
+
+    timing_batches = list(x_te[: cfg["timing_samples"]].split(BATCH_SIZE))
+    dep, cmp_dep = compare_deployed(base, smalls[best], timing_batches, (x_te, y_te), int8=x_tr[order[:1000]],
+                                    repeats=cfg["repeats"], max_drop_points=TARGET_DROP_POINTS, prefix=best)
+    out(f"\n[{best}] deployed vs the original's baselines (batch {BATCH_SIZE}, {dep['threads']} thread(s)):")
+    out(cmp_dep.to_text())
+    out("stage by stage (ratio = median time / the original in ONNX Runtime FP32, same run):")
+    out(stage_table(dep["stages"]))
+    out(f"deployed ({dep['deployed_precision']}): {dep['deployed_ratio_vs_best_baseline']:.3f} of the best baseline "
+        f"({dep['best_baseline']}); FP32 {dep['deployed']['fp32']['ratio_vs_best_baseline']:.3f}"
+        + (f", int8 {dep['deployed']['int8']['ratio_vs_best_baseline']:.3f} "
+           f"(accuracy {dep['deployed']['int8']['accuracy_test']:.4f})" if "int8" in dep["deployed"] else ""))
     return {
+        **{k: v for k, v in dep.items() if k.startswith("deployed_")},
+        "deployed": dep["deployed"],
+        "stages": dep["stages"],
+        "threads": dep["threads"],
+        "export": dep["export"],
+        "comparison_deployed": dep["comparison"],
         "macs_reduction": b["macs_reduction"],
         "params_reduction": b["params_reduction"],
         "accuracy_base": b["accuracy_base"],

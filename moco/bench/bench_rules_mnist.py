@@ -110,9 +110,12 @@ def bench_rules_mnist(quick: bool, seed: int, out=print, *, n_train: int | None 
             rule, _ = ae.compute_linear_sufficient_rule("predictions", c, max_error=max_error_class)
             class_rules[c] = rule
         del ae, flat, feats
+    def num(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     out(f"fitted the 10-class rule set in {fit_s:.1f} s (scorer {set_out['scorer_fit_seconds']:.1f} s); "
-        f"held-out coverage {set_out['coverage_val']:.3f}, precision {set_out['precision_val']:.5f}, "
-        f"certified >= {set_out['certified_precision']:.5f}")
+        f"held-out coverage {set_out['coverage_val']:.3f}, precision {num(set_out['precision_val'], '.5f')}, "
+        f"certified >= {num(set_out['certified_precision'], '.5f')}")
 
     train_batches = list(x_train.split(BATCH_SIZE))
     test_batches = list(x_test.split(BATCH_SIZE))

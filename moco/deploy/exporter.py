@@ -281,9 +281,28 @@ def _batches(x: torch.Tensor, size: int = 1024):
 
 
 @torch.no_grad()
-def _reference(obj: nn.Module, kind: str, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """PyTorch's outputs on ``x``: logits/predictions, decisions, and the decision scores."""
-    logits, decisions, scores = [], [], []
+def _scores(obj: nn.Module, kind: str, x: torch.Tensor) -> np.ndarray | None:
+    """PyTorch's decision scores for ``x``: a branched network's relative rule margin ``[n]`` (None for a
+    duck-typed rule), or every early exit's criterion score ``[n, K - 1]``."""
+    parts = []
+    for xb in _batches(x):
+        if kind == "branched":
+            margin = obj.decision_margin(obj.head(xb))
+            if margin is None:
+                return None
+            parts.append(margin)
+        else:
+            all_logits = obj.forward_all(xb)[:-1]
+            parts.append(torch.stack([obj.criterion.score(z).float() for z in all_logits], 1)
+                         if all_logits else torch.zeros(len(xb), 0))
+    return torch.cat(parts).numpy()
+
+
+@torch.no_grad()
+def _reference(obj: nn.Module, kind: str, x: torch.Tensor) -> dict[str, Any]:
+    """PyTorch's outputs on ``x``: logits/predictions, decisions, and ``scores(rows)`` computing the
+    decision scores of some rows (only needed where a decision differs, so computed on demand)."""
+    logits, decisions = [], []
     for xb in _batches(x):
         if kind == "model":
             logits.append(obj(xb).float())
@@ -291,18 +310,14 @@ def _reference(obj: nn.Module, kind: str, x: torch.Tensor) -> dict[str, np.ndarr
             pred, mask = obj(xb)
             logits.append(pred.float() if pred.dim() == 2 else pred)
             decisions.append(mask)
-            scores.append(obj.decision_margin(obj.head(xb)))
         else:
             out, idx = obj(xb)
             logits.append(out.float())
             decisions.append(idx)
-            all_logits = obj.forward_all(xb)[:-1]
-            scores.append(torch.stack([obj.criterion.score(z).float() for z in all_logits], 1)
-                          if all_logits else torch.zeros(len(xb), 0))
-    out = {"logits": torch.cat(logits).numpy()}
+    out: dict[str, Any] = {"logits": torch.cat(logits).numpy()}
     if decisions:
         out["decisions"] = torch.cat(decisions).numpy()
-        out["scores"] = torch.cat(scores).numpy() if scores[0] is not None else None
+        out["scores"] = lambda rows: _scores(obj, kind, x[torch.as_tensor(rows, dtype=torch.long)])
     return out
 
 
@@ -342,14 +357,14 @@ def _compare(ref: dict, got: dict, kind: str, thresholds: Sequence[float | None]
     if kind != "model":
         same_decision = ref["decisions"] == got["decisions"]
         flips = np.flatnonzero(~same_decision)
-        scores = ref.get("scores")
-        if flips.size and scores is not None:
+        scores = ref["scores"](flips) if flips.size and "scores" in ref else None
+        if scores is not None:
             if kind == "branched":  # scores: relative distance of each sample's rule scores to the thresholds
-                near = scores[flips] <= tol
+                near = scores <= tol
             else:
                 first = np.minimum(ref["decisions"][flips], got["decisions"][flips])
                 t = np.array([np.nan if thresholds[j] is None else thresholds[j] for j in first], dtype=np.float64)
-                near = _near(scores[flips, first].astype(np.float64), t, tol)
+                near = _near(scores[np.arange(flips.size), first].astype(np.float64), t, tol)
             near_threshold = int(near.sum())
         if strict and near_threshold < flips.size:
             raise MocoError(
@@ -467,16 +482,19 @@ def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dic
 # ----------------------------------------------------------------------------------------- tuning
 
 
-def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 7) -> None:
+def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 5,
+          max_batch: int = 64) -> None:
     """Set ``item["session"]`` of each graph to the fastest of :data:`SESSION_CONFIGS` on its example input.
 
-    The candidates run interleaved (round-robin, ``repeats`` rounds after one warm-up) and the median
+    At most ``max_batch`` samples of the example are timed (what decides is the graph's channel counts,
+    not the batch size). The candidates run interleaved (round-robin, ``repeats`` rounds after one warm-up) and the median
     decides; onnxruntime's default (``"all"``) is kept unless another is at least 5% faster, so noise
     does not flip the choice. The measured medians (seconds) are recorded beside the choice.
     """
     from moco.deploy.runtime import _Graph
 
     for item, x in zip(items, inputs):
+        x = np.ascontiguousarray(x[:max_batch])
         graphs = {name: _Graph(work / item["file"], threads, c["optimization"], c["disabled_optimizers"])
                   for name, c in SESSION_CONFIGS.items()}
         times: dict[str, list[float]] = {name: [] for name in graphs}
