@@ -177,6 +177,7 @@ def test_export_qdq_onnx(tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert r.max_abs_diff < 0.1 * float(res.abs().max())
+    assert str(r) == r.to_text() and "agreement" in str(r)
     assert type(q.get_submodule("0")) is QuantConv2d and not q.get_submodule("0").export_qdq
     lut = copy.deepcopy(q)
     replace_layers(lut, ["0"], lambda n, m: to_lut(m, M.truncated(3)))

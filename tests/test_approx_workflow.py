@@ -128,6 +128,13 @@ def test_run_approx_end_to_end():
     assert 0 < d["energy_ratio"] <= 1 and set(d["selected"]) == {"0", "4"}
     assert d["config"]["multipliers"] == ["exact", "trunc4", "trunc7", "bam_h2_v6"]
     assert any("sigma_l" in ln for ln in lines) and "uniform" in r.to_text()
+    import pandas as pd
+
+    for res in (r, r.selection, r.search):  # the result protocol
+        assert str(res) == res.to_text() and "..." not in res.to_text()
+        json.dumps(res.to_dict())
+        assert isinstance(res.to_frame(), pd.DataFrame)
+    assert str(M.truncated(3).stats()).startswith("trunc3: energy")
     with pytest.raises(MocoError, match="unknown approx config"):
         run_approx(tiny_net(), (x, y), (x, y), {"epochs": 3})
     with pytest.raises(MocoError, match="unknown multiplier"):

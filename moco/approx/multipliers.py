@@ -140,6 +140,14 @@ class MultiplierStats:
     def to_dict(self) -> dict[str, Any]:
         return {k: (v if isinstance(v, str) else float(v)) for k, v in self.__dict__.items()}
 
+    def to_text(self) -> str:
+        return (f"{self.name}: energy {self.performance_metric:.3f}, mean error {self.mean_error:.2f}, error std "
+                f"{self.error_std:.2f}, mean relative error {self.mean_relative_error:.2%}, worst case "
+                f"{self.worst_case_error:.0f}, error probability {self.error_probability:.2%}")
+
+    def __str__(self) -> str:
+        return self.to_text()
+
 
 @dataclass(frozen=True, eq=False)
 class ApproximateMultiplier:

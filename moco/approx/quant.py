@@ -373,6 +373,13 @@ class QDQExport:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def to_text(self) -> str:
+        return (f"{self.path} ({self.exporter}): ONNX Runtime vs PyTorch max |diff| {self.max_abs_diff:.3g}, "
+                f"agreement {self.agreement:.2%}")
+
+    def __str__(self) -> str:
+        return self.to_text()
+
 
 def export_qdq(model: nn.Module, path: Any, example_input: torch.Tensor) -> QDQExport:
     """Export a QAT model (from :func:`quantize`) as an ONNX QDQ graph for ONNX Runtime int8, and check it.
