@@ -1,6 +1,6 @@
 """``RuleReport``: what ``compute_linear_sufficient_rule(s)`` returns beside the rule, as a result object.
 
-It is a read-only mapping (``out["coverage_val"]`` keeps working, as in seed 000's notebook) with the
+It is a dict (``out["coverage_val"]`` keeps working, as in seed 000's notebook) with the
 result protocol: ``to_text()`` (also ``str()``), ``to_dict()`` (JSON-safe) and ``to_frame()`` (one row
 per class for a rule set). A rule that certifies nothing warns (:class:`UncertifiedRuleWarning`)
 naming the layer, the coverage and what to try.
@@ -9,8 +9,7 @@ naming the layer, the coverage and what to try.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any
 
 from moco.results import ResultProtocol, frame_text, json_safe
 
@@ -21,27 +20,19 @@ class UncertifiedRuleWarning(UserWarning):
     """A rule (set) that certifies nothing: no held-out sample would exit, so it only adds its cost."""
 
 
-class RuleReport(ResultProtocol, Mapping):
+class RuleReport(ResultProtocol, dict):
     """Coverage and precision of a rule or rule set on the fit and held-out splits, the certified
-    precision and timings (keys as documented on :meth:`AnalyticsEngine.compute_linear_sufficient_rule`)."""
+    precision and timings (keys as documented on :meth:`AnalyticsEngine.compute_linear_sufficient_rule`).
 
-    def __init__(self, values: Mapping[str, Any]):
-        self._values = dict(values)
+    A ``dict`` (so ``out["coverage_val"]``, ``json.dumps(out)`` and pickling ``rule.metadata`` work as in
+    seed 000) with the result protocol on top."""
 
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
+    @property
+    def _values(self) -> dict[str, Any]:
+        return self
 
     def __repr__(self) -> str:
-        return f"RuleReport({self._values!r})"
-
-    def __eq__(self, other: Any) -> bool:
-        return dict(self) == dict(other) if isinstance(other, Mapping) else NotImplemented
+        return f"RuleReport({dict.__repr__(self)})"
 
     @property
     def certified(self) -> bool:
