@@ -34,6 +34,8 @@ import torch
 
 from moco.bench.registry import register
 
+__all__ = ["STEP_BATCH", "STEP_BATCHES", "bench_approx_lenet"]
+
 STEP_BATCH = 128
 STEP_BATCHES = 8
 

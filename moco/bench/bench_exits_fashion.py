@@ -31,6 +31,11 @@ import torch
 
 from moco.bench.registry import register
 
+__all__ = [
+    "CONFIDENCE", "DISTILLATION", "HEAD0_WIDTHS", "HEAD_EPOCHS", "POINTS", "TARGET", "WEIGHTS", "WIDTH",
+    "bench_exits_fashion", "deployed_exits_summary", "trained_network",
+]
+
 WIDTH = 0.25
 POINTS = ["layer1", "layer2", "layer3"]
 WEIGHTS = [1.0, 0.5, 0.5, 1.0]

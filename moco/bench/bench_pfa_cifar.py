@@ -44,6 +44,8 @@ from torch import nn
 
 from moco.bench.registry import register
 
+__all__ = ["SETTINGS", "TARGET_DROP_POINTS", "TARGET_MACS", "WIDTH", "bench_pfa_cifar", "seed_names"]
+
 WIDTH = 0.25
 TARGET_MACS = 2.0
 TARGET_DROP_POINTS = 1.0

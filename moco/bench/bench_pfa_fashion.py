@@ -43,6 +43,11 @@ from torch import nn
 
 from moco.bench.registry import register
 
+__all__ = [
+    "BATCH_SIZE", "SETTINGS", "SIZE_MARGIN", "TARGET_DROP_POINTS", "TARGET_MACS", "bench_pfa_fashion",
+    "block_responses",
+]
+
 TARGET_MACS = 3.0
 TARGET_DROP_POINTS = 0.5
 SIZE_MARGIN = 1.1  # the Size recipe aims at 10% more MACs reduction than the target

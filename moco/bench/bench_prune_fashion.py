@@ -36,6 +36,11 @@ import torch
 
 from moco.bench.registry import register
 
+__all__ = [
+    "BASE_RECIPE", "BATCH_SIZE", "FINETUNE", "LAYERS", "RETRAIN", "SETTINGS", "base_model",
+    "bench_prune_fashion",
+]
+
 LAYERS = ("0", "2", "5")
 BATCH_SIZE = 1000
 

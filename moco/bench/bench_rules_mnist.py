@@ -26,6 +26,11 @@ import torch
 from moco.bench.baselines import deploy_variants, stage_table
 from moco.bench.registry import register
 
+__all__ = [
+    "AGREEMENT_TARGET", "BATCH_SIZE", "LAYER", "MAX_ERROR_CLASS", "MAX_ERROR_SET", "bench_rules_mnist",
+    "pretrained_model",
+]
+
 BATCH_SIZE = 1000
 LAYER = 2
 # certified error rate among exits (95%): the all-classes set and each per-class rule (fewer held-out

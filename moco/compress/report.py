@@ -18,6 +18,8 @@ from torch import nn
 from moco.batches import as_tensors
 from moco.errors import MocoError
 
+__all__ = ["CompressionReport", "MASKED", "ORIGINAL", "SMALL", "compare_models"]
+
 ORIGINAL = "original"
 SMALL = "small"
 MASKED = "masked"

@@ -32,6 +32,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+__all__ = ["CountingMode", "ELEMENTWISE_RULES", "FORMULAS", "Work", "ZERO_COST_OPS", "count_op", "op_name"]
+
 aten = torch.ops.aten
 
 

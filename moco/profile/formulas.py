@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from moco.errors import MocoError
 
+__all__ = ["seed003_flops"]
+
 
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -23,6 +23,8 @@ from torch import nn
 
 from moco.profile.tracking import CallTracker
 
+__all__ = ["LatencyResult", "measure_latency"]
+
 
 @dataclass(frozen=True)
 class LatencyResult:

@@ -17,6 +17,8 @@ from moco.profile.latency import measure_latency
 from moco.profile.report import LayerProfile, Profile
 from moco.profile.tracking import CallTracker
 
+__all__ = ["SCRIPTED_ATTRIBUTION", "profile"]
+
 
 def _as_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_input, torch.Tensor):

@@ -16,6 +16,11 @@ from typing import Any
 from moco.errors import MocoError
 from moco.io import atomic_path
 
+__all__ = [
+    "CONVENTIONS", "COUNT_COLUMNS", "LayerProfile", "Profile", "human_bytes", "human_count", "human_seconds",
+    "human_share",
+]
+
 COUNT_COLUMNS = ("params", "macs", "bias_flops", "activation_flops", "other_elementwise_flops",
                  "elementwise_flops", "flops", "activation_bytes", "calls")
 """Integer columns that :meth:`Profile.total` and :meth:`Profile.per_sample` accept."""

@@ -16,6 +16,8 @@ from typing import Any, Callable
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
+__all__ = ["CallTracker", "module_names"]
+
 
 def module_names(model: nn.Module) -> dict[int, str]:
     """``id(module) -> qualified name`` as in ``model.named_modules()`` (the root is ``""``)."""
