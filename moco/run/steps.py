@@ -162,7 +162,10 @@ def _prune(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
         progress=ctx.progress,
     ).fit(model, ctx.fit.tensors(), ctx.holdout.tensors())
     small = pruner.small_
-    if p["finetune_epochs"]:
+    pruned = {k: pruner.units_[k] - len(v) for k, v in pruner.keep_.items() if len(v) < pruner.units_[k]}
+    if not pruned:  # every step rolled back: hand on the model as it was (fine-tuning would only move it)
+        small = copy.deepcopy(model)
+    elif p["finetune_epochs"]:
         finetune(small, ctx.fit.tensors(), epochs=int(p["finetune_epochs"]), lr=float(p["finetune_lr"]),
                  schedule="cosine", seed=ctx.seed, teacher=model if p["distill"] else None, progress=ctx.progress)
     small.eval()
@@ -175,9 +178,11 @@ def _prune(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     summary = {"layers": list(layers), "kept_units": kept, "units": dict(pruner.units_),
                "accepted_steps": int(sum(1 for s in pruner.log_ if s.accepted)),
                "val_accuracy_base": pruner.base_accuracy_, "val_accuracy_pruned": pruner.accuracy_}
-    units = ", ".join(f"{k} {pruner.units_[k]}->{n}" for k, n in kept.items())
-    text = f"kept units: {units}\n\n{frame_text(frame)}"
-    return StepOutcome(Stage("model", small, small), summary, text, None, files, f"pruned: {units}")
+    units = ", ".join(f"{k} {pruner.units_[k]}->{n}" for k, n in kept.items() if k in pruned)
+    changed = (f"pruned: {units}" if pruned else
+               f"nothing: every step lost more than drop_threshold {p['drop_threshold']} and was rolled back")
+    text = f"{changed}\n\n{frame_text(frame)}"
+    return StepOutcome(Stage("model", small, small), summary, text, None, files, changed)
 
 
 # ---------------------------------------------------------------------------------------------- pfa
