@@ -130,23 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _kwargs(items: Sequence[str], flag: str) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise MocoError(f"{flag} expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key] = _parse_value(value)
-    return out
+    from moco.run import parse_set_options
+
+    return parse_set_options(items, flag=flag)
 
 
 def _shape(text: str | None):

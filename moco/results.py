@@ -45,10 +45,8 @@ def frame_text(frame, *, float_format: str = "{:.4g}") -> str:
 
 
 class ResultProtocol:
-    """Mixin: ``__str__`` is ``to_text()``; ``to_frame()`` defaults to one row of ``to_dict()``'s scalars."""
-
-    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every result defines it
-        raise NotImplementedError
+    """Mixin for a class that defines ``to_dict()``: ``__str__`` is ``to_text()``; ``to_text()`` and
+    ``to_frame()`` default to ``to_dict()``'s scalars (one line each / one row)."""
 
     def to_text(self) -> str:
         rows = {k: v for k, v in self.to_dict().items() if not isinstance(v, (dict, list))}

@@ -324,6 +324,7 @@ class Data:
     spec: str
     source: str
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    default_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -348,7 +349,17 @@ class Data:
         if n < 1:
             raise MocoError(f"a subset size must be >= 1, got {n}")
         idx = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(self))[:n]))
-        return Data(self.x[idx], self.y[idx], self.classes, self.spec, self.source, self.normalize)
+        return Data(self.x[idx], self.y[idx], self.classes, self.spec, self.source, self.normalize, self.default_stats)
+
+    def normalized(self, normalize: Any) -> "Data":
+        """These images standardised with ``normalize`` (True: the named dataset's mean/std, or ``[mean, std]``);
+        only for data resolved without normalisation."""
+        if self.normalize is not None:
+            raise MocoError(f"data {self.spec!r} is already normalised; resolve it once with normalize=")
+        stats = _normalize_stats(normalize, self.x.shape[1], self.default_stats, self.spec)
+        if stats is None:
+            return self
+        return Data(_standardise(self.x, stats), self.y, self.classes, self.spec, self.source, stats, self.default_stats)
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "source": self.source, "n": len(self), "input_shape": list(self.input_shape),
@@ -533,7 +544,11 @@ def resolve_data(
         source, default, label = str(path), None, spec
     stats = _normalize_stats(normalize, x.shape[1], default, spec)
     if stats is not None:
-        mean = torch.tensor(stats[0]).view(1, -1, 1, 1)
-        std = torch.tensor(stats[1]).view(1, -1, 1, 1)
-        x = (x - mean) / std
-    return Data(x.contiguous(), y, tuple(classes), label, source, stats)
+        x = _standardise(x, stats)
+    return Data(x.contiguous(), y, tuple(classes), label, source, stats, default)
+
+
+def _standardise(x: torch.Tensor, stats) -> torch.Tensor:
+    mean = torch.tensor(stats[0]).view(1, -1, 1, 1)
+    std = torch.tensor(stats[1]).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()

@@ -77,12 +77,13 @@ def _make_optimizer(model: nn.Module, optimizer: str, lr: float, momentum: float
     raise MocoError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
 
 
-def _check_batch(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+def _check_batch(x: torch.Tensor, y: torch.Tensor | None, num_classes: int | None = None,
+                 what: str = "labels") -> torch.Tensor:
     if y is None:
         raise MocoError("training and evaluation need labels: pass (x, y), a labelled Dataset or a DataLoader")
     if not torch.isfinite(x).all():
         raise MocoError("the inputs contain NaN or inf; clean or normalise the data first")
-    return check_labels(y)
+    return check_labels(y, num_classes, what=what)
 
 
 def check_distillation(distillation: float, temperature: float) -> None:
@@ -185,9 +186,8 @@ def fit(
             step = epoch * steps_per_epoch
             bar = tqdm(total=n_total, desc=f"epoch {epoch + 1}/{epochs}", unit="img", disable=not progress, leave=False)
             for x, y in iter_batches(train_data, batch_size, shuffle=True, generator=gen):
-                y = _check_batch(x, y)
                 logits = model(x)
-                check_labels(y, int(logits.shape[-1]), what="training labels")
+                y = _check_batch(x, y, int(logits.shape[-1]), "training labels")
                 loss = F.cross_entropy(logits, y)
                 if teacher is not None and distillation > 0:
                     with torch.no_grad():

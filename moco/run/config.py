@@ -231,12 +231,13 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word is a string
 
 
-def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["epochs=2", "layers=['conv1']", "mode=joint"]`` -> a dict; values are TOML (bare words are strings)."""
+def parse_set_options(items: Sequence[str], *, flag: str = "--set") -> dict[str, Any]:
+    """``["epochs=2", "layers=['conv1']", "mode=joint"]`` -> a dict; values are TOML (bare words are strings).
+    ``flag`` names the option in the error for an item without ``=``."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
-            raise MocoError(f"--set expects KEY=VALUE (a TOML value, e.g. max_drop=0.01), got {item!r}")
+            raise MocoError(f"{flag} expects KEY=VALUE (a TOML value, e.g. max_drop=0.01), got {item!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out

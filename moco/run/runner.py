@@ -162,11 +162,8 @@ def _markdown_table(frame) -> str:
     cols = list(frame.columns)
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in frame.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            cells.append(_fmt(float(v)) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
-                         and v is not None else ("" if v is None else str(v)))
+        cells = [_fmt(float(v)) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                 else ("" if v is None else str(v)) for v in (row[c] for c in cols)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -208,7 +205,7 @@ def build_context(cfg: RunConfig, *, out: Path | None = None, progress: bool = F
     normalize = d.normalize
     if normalize is None and resolved.normalize is not None:
         normalize = [list(resolved.normalize[0]), list(resolved.normalize[1])]  # moco trained it so
-        train = resolve_data(d.train, split="train", normalize=normalize, root=d.root, base_dir=cfg.base_dir)
+        train = train.normalized(normalize)
     test_spec = d.test or (f"{dataset}:test" if dataset else None)
     if test_spec is None:
         raise MocoError("[data] test is required for your own data (an .npz or folder of held-out images)")

@@ -265,7 +265,7 @@ def _exits(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     save_exits(net, out / "exits")
     files = [str(out / "exits.json"), str(out / "exits.npz")]
     if p["mode"] == "joint":
-        files += _save_model(net.forward_final if isinstance(net.forward_final, torch.nn.Module) else model, out, ctx)
+        files += _save_model(model, out, ctx)  # the jointly trained backbone (the network shares its parameters)
     files.append(_write_text(out / "calibration.txt", cal.to_text()))
     try:
         curve = tradeoff_curve(net, collect_outputs(net, ctx.holdout.tensors()))
@@ -344,7 +344,6 @@ def _export(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
                  calibration=calibration, intra_op_num_threads=int(p["threads"]))
     runtime = load(target, intra_op_num_threads=int(p["threads"]), **({"precision": "int8"} if p["int8"] else {}))
     info = dict(stage.info)
-    info["macs"] = stage.info.get("macs")
     summary = res.to_dict() if hasattr(res, "to_dict") else {"path": str(target)}
     changed = f"deployed to ONNX Runtime ({'int8' if p['int8'] else 'FP32'}): {target}"
     text = res.to_text() if hasattr(res, "to_text") else changed
