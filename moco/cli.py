@@ -15,7 +15,7 @@ from typing import Sequence
 
 from moco.errors import MocoError
 
-__all__ = ["METHOD_COMMANDS", "build_parser", "main"]
+__all__ = ["METHOD_COMMANDS", "PLUGIN_COMMANDS", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +43,14 @@ METHOD_COMMANDS = {
     "exits": "learned early exits with a certified accuracy-drop bound (seed 004)",
     "rules": "certified linear rules for early exit at one layer (seed 000)",
     "export": "ONNX Runtime deployment (FP32, or int8 with --set int8=true), checked against PyTorch",
+}
+
+
+#: commands that live beside the methods they drive: name -> (module, help line). Each module has
+#: ``add_arguments(parser)`` and ``main(args) -> int``; imported only when the parser is built.
+PLUGIN_COMMANDS = {
+    "sweep": ("moco.track.sweep_cli", "Optuna sweep over training or compression settings (seed 003); resumable"),
+    "report": ("moco.track.report_cli", "HTML report of a sweep or an MLflow experiment: table, Pareto plots, errors"),
 }
 
 
@@ -121,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller, faster run for a smoke test")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the JSON result to FILE")
     _add_seed(bench)
+
+    import importlib
+
+    for name, (module, summary) in PLUGIN_COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # TODO(issue 15): remove once both modules have landed
+            if not (exc.name and module.startswith(exc.name)):
+                raise
+            continue
+        plugin = sub.add_parser(name, help=summary, description=(mod.__doc__ or summary).strip().split("\n\n")[0])
+        mod.add_arguments(plugin)
+        plugin.set_defaults(_plugin=mod)
 
     data = sub.add_parser("data", help="datasets: check the data root")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
@@ -362,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(args)
         if args.command == "data":
             return _cmd_data(args, parser)
+        if args.command in PLUGIN_COMMANDS:
+            return int(args._plugin.main(args))
     except (MocoError, ValueError, TypeError, FileNotFoundError) as exc:
         if os.environ.get("MOCO_DEBUG"):
             raise
