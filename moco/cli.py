@@ -35,6 +35,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="hide progress bars (they are shown only when stderr is a terminal)")
 
 
+def _add_tracking(p: argparse.ArgumentParser, experiment: str) -> None:
+    p.add_argument("--track", action="store_true",
+                   help="log to MLflow: params, metrics, artifacts (default store sqlite:///mlflow.db here)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow store: sqlite:///file.db, postgresql://..., http://host:port, databricks "
+                        "(default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); implies --track")
+    p.add_argument("--experiment", default=None, metavar="NAME",
+                   help=f"MLflow experiment (default {experiment}); implies --track")
+
+
+def _tracking(args) -> dict:
+    """The tracking keywords of run_config / run_benchmark from --track, --tracking-uri, --experiment."""
+    on = bool(args.track or args.tracking_uri or args.experiment)
+    return {"track": on, "tracking_uri": args.tracking_uri, "experiment": args.experiment}
+
+
 #: the one-step commands: method -> help line
 METHOD_COMMANDS = {
     "profile": "per-module params, MACs, FLOPs, activation bytes and latency",
@@ -93,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-timing", action="store_true", help="skip the side-by-side timing (faster)")
     run.add_argument("--train-size", type=int, default=None, help="override [data] train_size (a seeded subset)")
     run.add_argument("--test-size", type=int, default=None, help="override [data] test_size (a seeded subset)")
+    _add_tracking(run, "moco")
     _add_common(run)
 
     for method, summary in METHOD_COMMANDS.items():
@@ -121,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("--repeats", type=int, default=3, help="timed forward passes for latency (default 3)")
             m.add_argument("--plot", default=None, metavar="PNG", help="save a bar chart of MACs and latency per layer")
             m.add_argument("--json", default=None, metavar="FILE", help="write the profile as JSON")
+        _add_tracking(m, "moco")
         _add_common(m)
 
     bench = sub.add_parser("bench", help="run a registered benchmark; last stdout line is JSON")
@@ -128,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     bench.add_argument("--quick", action="store_true", help="smaller, faster run for a smoke test")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the JSON result to FILE")
+    _add_tracking(bench, "moco-bench")
     _add_seed(bench)
 
     import importlib
@@ -299,7 +318,7 @@ def _cmd_run(args) -> int:
             doc["data"][key] = getattr(args, key)
     cfg = config_from_dict(doc, base_dir=cfg.base_dir, source=cfg.source)
     out = args.out or str(Path("moco-out") / Path(args.config).stem)
-    return _finish_run(run_config(cfg, out, progress=_progress(args), echo=_echo))
+    return _finish_run(run_config(cfg, out, progress=_progress(args), echo=_echo, **_tracking(args)))
 
 
 def _echo(line: str) -> None:
@@ -328,7 +347,7 @@ def _cmd_method(args) -> int:
         doc["measure"] = {"timing": False}
     cfg = config_from_dict(doc, base_dir=Path.cwd(), source=f"moco {args.command}")
     out = args.out or str(Path("moco-out") / args.command)
-    return _finish_run(run_config(cfg, out, progress=_progress(args), echo=_echo))
+    return _finish_run(run_config(cfg, out, progress=_progress(args), echo=_echo, **_tracking(args)))
 
 
 def _cmd_bench(args) -> int:
@@ -338,7 +357,7 @@ def _cmd_bench(args) -> int:
         for name, summary in list_benchmarks():
             print(f"{name:24s} {summary}")
         return 0
-    run_benchmark(args.name, quick=args.quick, seed=args.seed, json_path=args.json)
+    run_benchmark(args.name, quick=args.quick, seed=args.seed, json_path=args.json, **_tracking(args))
     return 0
 
 
@@ -373,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         if args.command == "profile" and (args.list or not (args.out and args.data)):
+            if _tracking(args)["track"] and not args.list:
+                raise MocoError("moco profile --track needs --data and --out (the run form of the step); "
+                                "or use 'moco run examples/profile.toml --track'")
             return _cmd_profile(args)
         if args.command == "run":
             return _cmd_run(args)

@@ -12,8 +12,9 @@ benchmark name to the module that registers it, which keeps ``moco --help`` fast
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import importlib
+import io
 import json
 import platform
 import random
@@ -39,6 +40,7 @@ BENCHMARK_MODULES: dict[str, str] = {
     "pfa-cifar": "moco.bench.bench_pfa_cifar",
     "approx-lenet": "moco.bench.bench_approx_lenet",
     "compose-fashion": "moco.bench.bench_compose_fashion",
+    "train-engine": "moco.bench.bench_train_engine",
 }
 
 
@@ -125,6 +127,9 @@ def run_benchmark(
     seed: int = 0,
     json_path: str | Path | None = None,
     stream: TextIO | None = None,
+    track: bool = False,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
 ) -> dict:
     """Run benchmark ``name`` and return its result dict with a ``"meta"`` entry added.
 
@@ -135,24 +140,62 @@ def run_benchmark(
     benchmark ran) and ``peak_rss_mb`` (the process's peak resident memory so far, MB). With
     ``json_path`` the result is also written there atomically (indented JSON). Unknown ``name`` ->
     MocoError listing the benchmarks.
+
+    ``track=True`` logs one MLflow run (experiment ``experiment``, default ``moco-bench``, at
+    ``tracking_uri``, see :func:`moco.track.resolve_tracking_uri`): the settings as params, every numeric
+    leaf of the result as a metric (flattened keys), the JSON and the table as artifacts, and the epochs
+    of any training the benchmark does; ``meta.mlflow_run_id`` names the run. A bad URI fails before the
+    benchmark runs; a benchmark that raises leaves its run FAILED.
     """
     _load(name)
     if name not in _REGISTRY:
         raise MocoError(f"unknown benchmark {name!r}; choose one of: {', '.join(_names())} (see 'moco bench --list')")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MocoError(f"seed must be an int, got {seed!r}")
+    stream = sys.stdout if stream is None else stream
+    tracker = table = None
+    if track:
+        from moco.track.tracking import log_benchmark_result, observe_epochs, track_benchmark
+
+        tracker = track_benchmark(name, quick=bool(quick), seed=seed, tracking_uri=tracking_uri, experiment=experiment)
+        table = io.StringIO()
+
+    def out(*args, sep: str = " ", end: str = "\n", **_) -> None:
+        print(*args, sep=sep, end=end, file=stream, flush=True)
+        if table is not None:  # the table, as printed, becomes an artifact of the run
+            print(*args, sep=sep, end=end, file=table)
+
+    with contextlib.ExitStack() as scope:
+        if tracker is not None:
+            scope.enter_context(tracker)  # FINISHED, or FAILED with the error when anything below raises
+            scope.enter_context(observe_epochs(tracker.epoch_callback()))
+        result, line = _execute(name, quick=bool(quick), seed=seed, out=out,
+                                extra_meta={"mlflow_run_id": tracker.run_id} if tracker is not None else {})
+        if json_path is not None:
+            from moco.io import write_json_atomic
+
+            write_json_atomic(json_path, result)
+        if tracker is not None:
+            log_benchmark_result(tracker, result, table.getvalue())
+    if tracker is not None:
+        print(f"tracked: MLflow run {tracker.run_id} in experiment {tracker.experiment!r} at {tracker.tracking_uri}",
+              file=sys.stderr, flush=True)
+    out(line)
+    return result
+
+
+def _execute(name: str, *, quick: bool, seed: int, out: Callable[..., None], extra_meta: dict) -> tuple[dict, str]:
+    """Seed, run benchmark ``name``, add ``meta``; returns the result (plain JSON types) and its JSON line."""
     import numpy as np
     import torch
 
     import moco
 
-    stream = sys.stdout if stream is None else stream
-    out = functools.partial(print, file=stream, flush=True)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    result = _REGISTRY[name].fn(quick=bool(quick), seed=seed, out=out)
+    result = _REGISTRY[name].fn(quick=quick, seed=seed, out=out)
     wall = time.perf_counter() - t0
     if not isinstance(result, dict):
         raise TypeError(f"benchmark {name!r} returned a {type(result).__name__}; benchmarks must return a dict")
@@ -166,16 +209,11 @@ def run_benchmark(
         interop_threads=torch.get_num_interop_threads(),
         platform=platform.platform(),
         seed=seed,
-        quick=bool(quick),
+        quick=quick,
         wall_s=round(wall, 3),
         peak_rss_mb=round(_peak_rss_mb(), 1),
+        **extra_meta,
     )
     result = {**result, "meta": meta}
     line = json.dumps(result, sort_keys=True, default=_json_default)
-    result = json.loads(line)  # the caller gets exactly what was printed (plain JSON types)
-    if json_path is not None:
-        from moco.io import write_json_atomic
-
-        write_json_atomic(json_path, result)
-    out(line)
-    return result
+    return json.loads(line), line  # the caller gets exactly what was printed (plain JSON types)

@@ -313,32 +313,49 @@ def _prepare_out(out: Path) -> None:
         raise MocoError(f"cannot write into --out {out}: {exc.strerror}") from None
 
 
-def run_config(cfg: RunConfig, out: str | Path, *, progress: bool = False, echo=None) -> RunResult:
+def run_config(cfg: RunConfig, out: str | Path, *, progress: bool = False, echo=None, track: bool = False,
+               tracking_uri: str | None = None, experiment: str | None = None) -> RunResult:
     """Run every step of ``cfg`` in order, each on the previous step's result; write the run folder.
 
     ``echo`` (e.g. ``print``) receives a line as each step starts and ends. Returns the
     :class:`RunResult`; ``out/report.md`` and ``out/report.json`` hold the same. A step that fails raises
     MocoError naming the step (the folders of the steps before it are kept).
+
+    ``track=True`` logs the run to MLflow (:class:`moco.track.RunTracking`: a parent run with the config,
+    the report's figures, the report files and the final model; a nested run per step) in experiment
+    ``experiment`` (default ``moco``) at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///mlflow.db`` in the working directory); a bad URI fails before any work.
     """
     out = Path(out).resolve()
-    _prepare_out(out)
+    tracking = None
+    if track:
+        from moco.track.tracking import RunTracking
+
+        tracking = RunTracking(cfg, out, tracking_uri=tracking_uri, experiment=experiment)
     say = echo or (lambda *_: None)
     old_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
+        _prepare_out(out)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            return _run(cfg, out, progress, say)
+            return _run(cfg, out, progress, say, tracking)
+    except BaseException as exc:
+        if tracking is not None:
+            tracking.failed(exc)  # the open step run and the pipeline run end FAILED with the error
+        raise
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(cfg: RunConfig, out: Path, progress: bool, say) -> RunResult:
+def _run(cfg: RunConfig, out: Path, progress: bool, say, tracking=None) -> RunResult:
     env = _environment(cfg)
     config = cfg.to_dict()
     write_json_atomic(out / "config.json", json_safe({"config": config, "environment": env,
                                                       "source": cfg.source, "base_dir": cfg.base_dir}))
+    if tracking is not None:
+        tracking.started(config, env)
     t0 = time.perf_counter()
     ctx = build_context(cfg, out=out, progress=progress)
     say(f"model {ctx.resolved.label}: train {len(ctx.train)} ({len(ctx.fit)} fit + {len(ctx.holdout)} holdout), "
@@ -351,12 +368,16 @@ def _run(cfg: RunConfig, out: Path, progress: bool, say) -> RunResult:
     base.update({"label": ctx.resolved.label, "n_train": len(ctx.train), "n_test": len(ctx.test),
                  "test_spec": ctx.test.spec, "timing_notes": timer.notes})
     say(f"original: accuracy {base['accuracy']:.4f}, {base['macs'] / 1e6:.4g} M MACs per sample")
+    if tracking is not None:
+        tracking.measured(0, base)
     records: list[StepRecord] = []
     for i, step in enumerate(cfg.steps, 1):
         folder = out / f"{i:02d}-{step.method}"
         if folder.exists():
             shutil.rmtree(folder)  # a re-run replaces the step's outputs whole
         say(f"step {i}/{len(cfg.steps)}: {step.method} ...")
+        if tracking is not None:
+            tracking.step_started(i, step)  # a nested run; epochs the step trains are logged to it
         ts = time.perf_counter()
         try:
             outcome: StepOutcome = run_step(ctx, stage, step, folder)
@@ -372,6 +393,8 @@ def _run(cfg: RunConfig, out: Path, progress: bool, say) -> RunResult:
                          m["agreement"], r_eager, r_ort, m.get("exit_fractions"), json_safe(outcome.certified),
                          json_safe(outcome.summary), seconds, tuple(outcome.artifacts), outcome.text)
         write_json_atomic(folder / "step.json", rec.to_dict())
+        if tracking is not None:
+            tracking.step_done(rec)
         records.append(rec)
         say(f"step {i} {step.method}: {outcome.changed}; accuracy {m['accuracy']:.4f}, agreement "
             f"{m['agreement']:.4f}, {m['macs'] / 1e6:.4g} M MACs, time vs eager {_fmt(r_eager)}, vs ORT "
@@ -379,4 +402,8 @@ def _run(cfg: RunConfig, out: Path, progress: bool, say) -> RunResult:
     result = RunResult(json_safe(base), tuple(records), str(out), env, config)
     write_bytes_atomic(out / "report.md", (result.to_markdown() + "\n").encode())
     write_json_atomic(out / "report.json", result.to_dict())
+    if tracking is not None:
+        tracking.finished(result, stage, {"spec": cfg.model.spec, "args": dict(cfg.model.args or {}),
+                                          "weights": cfg.model.weights, "zoo": ctx.arch})
+        say(tracking.summary_line())
     return result
