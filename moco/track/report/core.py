@@ -116,8 +116,11 @@ class SweepReport(ResultProtocol):
 
     def display_frame(self, *, error_width: int = 60):
         """The trial table formatted for reading: fractions to 4 decimals, MACs and parameter counts as
-        ``1.2M``, seconds to 0.1 s, the front as ``*``, errors cut to ``error_width`` characters."""
+        ``1.2M``, seconds to 0.1 s, the front as ``*``, errors cut to ``error_width`` characters (no error
+        column when no trial failed)."""
         df = self.frame.copy()
+        if "error" in df and not df["error"].map(lambda v: isinstance(v, str) and bool(v)).any():
+            df = df.drop(columns="error")
         for col in df.columns:
             if col in ("macs", "param_count") or (col in self.source.objectives and "macs" in col):
                 df[col] = [_human(v) for v in df[col]]

@@ -141,9 +141,11 @@ def render_html(report: "SweepReport", images: Mapping[str, bytes | None]) -> st
     parts.append("</section>")
     parts.append('<section id="effects"><h2>Parameter effects</h2>'
                  + (_img(images, "effects.png", "parameter effects",
-                         f"{report.objective} by each swept parameter (box: quartiles, red: median, dots: trials), "
-                         f"and the mean {report.objective} over pairs of numeric parameters")
-                    if images.get("effects.png") else '<p class="note">No swept parameters with complete trials.</p>')
+                         f"{report.objective} by each swept parameter that takes more than one value (box: "
+                         f"quartiles, red: median, dots: trials), and the mean {report.objective} over pairs of "
+                         "numeric parameters")
+                    if images.get("effects.png") else '<p class="note">No swept parameter took two values among the complete '
+                    'trials.</p>')
                  + "</section>")
     if report.runs:
         parts.append('<section id="runs"><h2>Runs</h2>')

@@ -149,13 +149,17 @@ def _fmt(v: float) -> str:
 def effects_figure(params: Mapping[str, Sequence[Any]], objective: Sequence[float], *, objective_name: str,
                    seed: int = 0, max_pairs: int = 12) -> bytes | None:
     """Per parameter a box + strip plot of ``objective`` by the parameter's levels, then for pairs of
-    numeric parameters (at most ``max_pairs``) a heatmap of the mean objective. None without parameters."""
+    numeric parameters (at most ``max_pairs``) a heatmap of the mean objective. Parameters with one value
+    are left out; None when none is left."""
     names = [n for n in params if len(params[n]) == len(objective)]
     if not names or not len(objective):
         return None
     y = np.asarray(objective, float)
     levels = {n: categories(params[n]) for n in names}
-    numeric = [n for n in names if levels[n][2] and len(levels[n][1]) > 1]
+    names = [n for n in names if len(levels[n][1]) > 1]   # a parameter held at one value has no effect to show
+    if not names:
+        return None
+    numeric = [n for n in names if levels[n][2]]
     pairs = [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1:]][:max_pairs]
     ncols = max(1, min(4, max(len(names), len(pairs))))
     rows_box, rows_pair = math.ceil(len(names) / ncols), math.ceil(len(pairs) / ncols)

@@ -248,7 +248,8 @@ def _open_storage(url: str, base: Path | None = None):
         storage = optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
     except Exception as exc:  # sqlalchemy raises many types (driver missing, refused, bad URL)
         msg = " ".join(str(exc).split())[:300]
-        raise MocoError(f"cannot open Optuna storage {url!r}: {msg}") from None
+        raise MocoError(f"cannot open Optuna storage {url!r}: {msg}; check --storage (with the password, or set "
+                        "PGPASSWORD)") from None
     return storage, url
 
 
@@ -329,9 +330,11 @@ def from_sweep_folder(folder: str | os.PathLike, *, storage: str | None = None, 
         raise MocoError(f"{folder} is not a sweep folder (no sweep.json in it); give the --out folder of "
                         "moco sweep, or --storage URL --study NAME")
     meta = read_json_document(folder / "sweep.json", format=SWEEP_FORMAT, what="moco sweep record")
-    url = storage or meta.get("storage")
-    if not url:
-        url = "journal:study.journal"
+    url = storage or meta.get("storage") or "journal:study.journal"
+    if storage is None and ":***@" in url:
+        # sweep.json records a database URL with the password masked: connect without it (libpq then reads
+        # PGPASSWORD or ~/.pgpass); --storage gives the full URL
+        url = url.replace(":***@", "@")
     sweep_toml = (folder / "sweep.toml").read_text() if (folder / "sweep.toml").is_file() else None
     return from_storage(url, study or meta.get("study_name") or meta.get("name"), folder=folder, meta=meta,
                         sweep_toml=sweep_toml)
