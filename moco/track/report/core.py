@@ -35,6 +35,9 @@ __all__ = ["REPORT_FORMAT", "RunView", "SweepReport", "build_report"]
 
 REPORT_FORMAT = "moco.report"
 TIME_COLUMNS = ("train_seconds", "training_time", "seconds")
+#: MLflow metrics that are not a trial's figures: the last per-epoch values (``loss`` is ``train_loss``) and
+#: bookkeeping; other metrics a run has become table columns
+_BOOKKEEPING = {"mlflow_run_id", "epoch", "epoch_seconds", "loss", "seconds", "seed", "worker_pid", "params"}
 _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
 
 
@@ -305,7 +308,7 @@ def _trial_frame(source: TrialSource):
     for t in source.trials:
         params += [p for p in t.params if p not in params]
     metrics = [m for m in METRIC_COLUMNS if any(m in t.metrics for t in source.trials)]
-    extra = sorted({m for t in source.trials for m in t.metrics if m not in METRIC_COLUMNS and m != "mlflow_run_id"
+    extra = sorted({m for t in source.trials for m in t.metrics if m not in METRIC_COLUMNS and m not in _BOOKKEEPING
                     and _finite(t.metrics[m]) and m not in source.objectives}) if source.kind == "mlflow" else []
     rows = []
     for t in source.trials:
