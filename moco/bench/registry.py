@@ -41,6 +41,7 @@ BENCHMARK_MODULES: dict[str, str] = {
     "approx-lenet": "moco.bench.bench_approx_lenet",
     "compose-fashion": "moco.bench.bench_compose_fashion",
     "train-engine": "moco.bench.bench_train_engine",
+    "sweep-fashion": "moco.bench.bench_sweep_fashion",
 }
 
 
