@@ -11,9 +11,8 @@ with ``ops_l`` the layer's MACs from :func:`moco.profile.profile`. Seed defaults
 ``initial_noise = 0.025``, ``sigma_max = 0.5``. ``sigma_l`` per layer is logged every epoch (and
 printed, as the seed does, with ``progress=True``).
 
-The training loop is a small seeded loop with a tqdm bar (disabled when stderr is not a terminal);
-it needs a loss term that :func:`moco.train.fit` does not take, and plugs into moco's training engine
-when that gains loss hooks.
+The training runs on moco's training engine on Lightning (:class:`moco.train.engine.NoiseSearchModule`:
+seeded, a tqdm bar shown when stderr is a terminal, Lightning's callbacks, loggers, devices and precision).
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -170,6 +168,13 @@ def train_gradient(
     seed: int = 0,
     progress: bool = True,
     log=None,
+    on_epoch: Callable[[dict], Any] | None = None,
+    callbacks: Sequence[Any] | None = None,
+    logger: Any = None,
+    accelerator: str = "cpu",
+    devices: int | str | Sequence[int] = 1,
+    precision: str | int = "32-true",
+    trainer_kwargs: dict | None = None,
 ) -> GradientSearchResult:
     """Seed 002's gradient search, in place on a quantised ``model``: learn one ``sigma_l`` per layer.
 
@@ -178,6 +183,10 @@ def train_gradient(
     passes over ``train_data`` (shuffled, seeded; the caller's RNG state is untouched), and logs
     ``sigma_l`` per layer per epoch through ``log`` (default: ``tqdm.write`` when ``progress``).
     The sigmas stay on the model (inactive in eval mode) for :func:`moco.approx.select_multipliers`.
+    The loop is moco's training engine on Lightning; ``on_epoch`` (a callable receiving each epoch's
+    history dict), ``callbacks``, ``logger``, ``accelerator``, ``devices``, ``precision`` and
+    ``trainer_kwargs`` work as in :func:`moco.train.fit` (logged metrics: ``loss``, ``train_accuracy``,
+    ``sigma/<layer>``).
     """
     lmbd = _check_number("lmbd", lmbd, lo=0.0)
     sigma_max = _check_number("sigma_max", sigma_max, positive=True)
@@ -186,42 +195,26 @@ def train_gradient(
     n = num_samples(train_data)
     if n == 0:
         raise MocoError("train_data is empty")
+    from moco.train.engine import NoiseSearchModule, check_options, run_training  # imports Lightning (seconds)
+
+    check_options(on_epoch=on_epoch, callbacks=callbacks, logger=logger, trainer_kwargs=trainer_kwargs)
     first = next(iter_batches(train_data, 1))[0]
     fractions = op_fractions(model, first)
     enable_noise(model, initial_noise)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    log = log or (tqdm.write if progress else (lambda s: None))
-    history = []
+    write = log or (tqdm.write if progress else None)
+    module = NoiseSearchModule(model, opt, lmbd=lmbd, sigma_max=sigma_max, fractions=fractions, epochs=epochs, lr=lr)
+    hparams = dict(lmbd=lmbd, initial_noise=initial_noise, sigma_max=sigma_max, epochs=epochs, lr=lr,
+                   batch_size=batch_size, seed=seed)
     t0 = time.perf_counter()
     was = model.training
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        for epoch in range(epochs):
-            model.train()
-            total, correct, seen = 0.0, 0, 0
-            bar = tqdm(total=n, desc=f"noise search {epoch + 1}/{epochs}", unit="img", leave=False,
-                       disable=not _progress_enabled(progress))
-            for x, y in iter_batches(train_data, batch_size, shuffle=True, generator=gen):
-                if y is None:
-                    raise MocoError("train_gradient needs labels: pass (x, y) or a labelled dataset")
-                logits = model(x)
-                ce = F.cross_entropy(logits, y.long())
-                loss = ce - lmbd * noise_penalty(model, fractions, sigma_max)
-                if not torch.isfinite(loss):
-                    raise MocoError(f"noise search diverged (loss {float(loss)}) in epoch {epoch + 1}; lower lr={lr}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(ce.detach()) * len(x)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(x)
-                bar.update(len(x))
-            bar.close()
-            s = sigmas(model)
-            history.append({"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen, "sigma": s})
-            log(f"Epoch: {epoch}")
-            for name, v in s.items():
-                log(f"Layer: {name} | sigma_l: {v:+.3f}")
-    model.train(was)
-    return GradientSearchResult(sigmas(model), tuple(history), fractions, lmbd, sigma_max, time.perf_counter() - t0)
+    try:
+        # one generator seeded once and continued over the epochs: the search's shuffles have always been so
+        run_training(module, train_data, epochs=epochs, batch_size=batch_size, seed=seed, reseed_each_epoch=False,
+                     progress=_progress_enabled(progress), write=write, on_epoch=on_epoch, callbacks=callbacks,
+                     logger=logger, accelerator=accelerator, devices=devices, precision=precision,
+                     trainer_kwargs=trainer_kwargs, hparams=hparams)
+    finally:
+        model.train(was)
+    return GradientSearchResult(sigmas(model), tuple(module.history), fractions, lmbd, sigma_max,
+                                time.perf_counter() - t0)

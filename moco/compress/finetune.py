@@ -8,7 +8,7 @@ user's original. ``keep=`` fine-tunes a zero-masked model instead, holding its p
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,13 @@ def finetune(
     distillation: float = 0.5,
     temperature: float = 4.0,
     progress: bool = True,
+    on_epoch: Callable[[Any], Any] | None = None,
+    callbacks: Sequence[Any] | None = None,
+    logger: Any = None,
+    accelerator: str = "cpu",
+    devices: int | str | Sequence[int] = 1,
+    precision: str | int = "32-true",
+    trainer_kwargs: dict | None = None,
 ):
     """Fine-tune ``model`` (trained in place; pass the new model, e.g. from ``surgery.apply``).
 
@@ -49,6 +56,10 @@ def finetune(
     model is a zero-masked one (seed 003's emulation, :func:`moco.compress.prune.masked_copy`) and the
     units not kept stay exactly zero (their gradients are masked). Returns :class:`moco.train.FitResult`
     (per-epoch loss, train / validation accuracy, seconds).
+
+    It trains on moco's engine on Lightning through :func:`moco.train.fit`: ``on_epoch`` (a callable
+    receiving each :class:`moco.train.EpochLog`), ``callbacks``, ``logger``, ``accelerator``,
+    ``devices``, ``precision`` and ``trainer_kwargs`` are passed on to it (the defaults train on the CPU).
     """
     from moco.compress.prune import _HoldMasked, _check_keep, _mask_tensors
     from moco.train import fit
@@ -63,7 +74,8 @@ def finetune(
         raise MocoError("train_data is empty; pass at least one labelled sample to fine-tune on")
     kwargs = dict(epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed, val_data=val_data,
                   weight_decay=weight_decay, schedule=schedule, teacher=teacher, distillation=distillation,
-                  temperature=temperature, progress=progress)
+                  temperature=temperature, progress=progress, on_epoch=on_epoch, callbacks=callbacks, logger=logger,
+                  accelerator=accelerator, devices=devices, precision=precision, trainer_kwargs=trainer_kwargs)
     if keep is None:
         return fit(model, train_data, **kwargs)
     with _HoldMasked(_mask_tensors(model, _check_keep(model, keep))):

@@ -1,6 +1,6 @@
 """Training the exits: joint (BranchyNet: backbone and heads, ``loss = sum_i w_i * CE_i``) or retrofit
 (the trained backbone frozen, only the heads learn; the model's weights and its predictions stay as
-they were).
+they were). The loop is moco's training engine on Lightning (:class:`moco.train.engine.ExitModule`).
 """
 
 from __future__ import annotations
@@ -8,16 +8,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moco.batches import check_labels, iter_batches, num_samples
+from moco.batches import iter_batches, num_samples
 from moco.errors import MocoError
 from moco.exits.network import EarlyExitNetwork
-from moco.train import check_distillation, distillation_loss
+from moco.train import check_distillation
 
 __all__ = ["ExitEpochLog", "ExitTrainResult", "train_exits", "default_weights", "exit_accuracies"]
 
@@ -98,14 +97,20 @@ def _check_weights(weights: Any, k: int, mode: str) -> tuple[float, ...]:
 
 @torch.inference_mode()
 def exit_accuracies(net: EarlyExitNetwork, data: Any, *, batch_size: int = 512) -> tuple[float, ...]:
-    """Accuracy (fraction) of every exit on every sample of labelled ``data``, in eval mode (flags restored)."""
+    """Accuracy (fraction) of every exit on every sample of labelled ``data``, in eval mode (flags restored).
+
+    Batches go to the device the network's weights are on."""
+    from moco.train.evaluation import _device
+
     flags = [(m, m.training) for m in net.modules()]
     net.eval()
+    device = _device(net)
     correct, seen = [0] * net.num_exits, 0
     try:
         for x, y in iter_batches(data, batch_size):
             if y is None:
                 raise MocoError("exit accuracies need labels: pass (x, y) or a labelled Dataset")
+            x, y = x.to(device), y.to(device)
             for i, logits in enumerate(net.forward_all(x)):
                 correct[i] += int((logits.argmax(1) == y).sum())
             seen += len(x)
@@ -134,6 +139,13 @@ def train_exits(
     seed: int = 0,
     val_data: Any = None,
     progress: bool = True,
+    on_epoch: Callable[[ExitEpochLog], Any] | None = None,
+    callbacks: Sequence[Any] | None = None,
+    logger: Any = None,
+    accelerator: str = "cpu",
+    devices: int | str | Sequence[int] = 1,
+    precision: str | int = "32-true",
+    trainer_kwargs: dict | None = None,
 ) -> ExitTrainResult:
     """Train the exits of ``net`` on labelled ``train_data``; returns the per-epoch history.
 
@@ -156,6 +168,11 @@ def train_exits(
     Shuffling is seeded by ``seed`` without touching the global RNG. Each epoch logs the per-exit
     running train accuracy, and the per-exit accuracy on ``val_data`` when given (a progress bar
     with ``progress``). Training flags are restored afterwards.
+
+    The loop is moco's training engine on Lightning (:class:`moco.train.engine.ExitModule`);
+    ``on_epoch`` (a callable receiving each :class:`ExitEpochLog`), ``callbacks``, ``logger``,
+    ``accelerator``, ``devices``, ``precision`` and ``trainer_kwargs`` work as in :func:`moco.train.fit`
+    (the logged metrics are ``loss``, ``train_accuracy_i`` and ``val_accuracy_i`` per exit ``i``).
     """
     if not isinstance(net, EarlyExitNetwork):
         raise TypeError(f"net must be an EarlyExitNetwork (from attach_exits), not {type(net).__name__}")
@@ -168,7 +185,7 @@ def train_exits(
     check_distillation(distillation, temperature)
     k = net.num_exits
     w = _check_weights(weights, k, mode)
-    n = num_samples(train_data)
+    num_samples(train_data)  # a clear TypeError for data of the wrong kind
     params = list(net.parameters()) if mode == "joint" else list(net.heads.parameters())
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -179,72 +196,21 @@ def train_exits(
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     else:
         raise MocoError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    steps = epochs * math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+    from moco.train.engine import ExitModule, run_training  # imports Lightning (seconds)
+
+    module = ExitModule(net, opt, mode=mode, weights=w, epochs=epochs, lr=lr, schedule=schedule,
+                        distillation=distillation, temperature=temperature, val_data=val_data)
+    hparams = dict(mode=mode, weights=list(w), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                   weight_decay=weight_decay, schedule=schedule, distillation=distillation, temperature=temperature,
+                   seed=seed)
     flags = [(m, m.training) for m in net.modules()]
-    history: list[ExitEpochLog] = []
     t0 = time.perf_counter()
     try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            gen = torch.Generator().manual_seed(seed)
-            for epoch in range(epochs):
-                gen.manual_seed(seed * 100_003 + epoch)
-                if mode == "joint":
-                    net.train()
-                else:
-                    net.segments.eval()
-                    net.heads.train()
-                te = time.perf_counter()
-                total, seen = 0.0, 0
-                correct = [0] * k
-                bar = tqdm(total=n, desc=f"exits {mode} {epoch + 1}/{epochs}", unit="img", disable=not progress,
-                           leave=False)
-                for x, y in iter_batches(train_data, batch_size, shuffle=True, generator=gen):
-                    if y is None:
-                        raise MocoError("training needs labels: pass (x, y), a labelled Dataset or a DataLoader")
-                    y = check_labels(y, net.num_classes, what="training labels")
-                    if mode == "joint":
-                        outs = net.forward_all(x)
-                    else:  # the frozen backbone runs only up to the last exit point: the final exit cannot change
-                        with torch.no_grad():
-                            h, acts = x, []
-                            for segment in net.segments[:-1]:
-                                h = segment(h)
-                                acts.append(h)
-                            teacher = net.segments[-1](h) if distillation > 0 else None
-                        outs = [head(a) for head, a in zip(net.heads, acts)]
-                    losses = [F.cross_entropy(o, y) for o in outs]
-                    if distillation > 0:
-                        final = outs[-1] if mode == "joint" else teacher
-                        for i in range(k - 1):
-                            losses[i] = ((1 - distillation) * losses[i]
-                                         + distillation * distillation_loss(outs[i], final, temperature))
-                    loss = sum(wi * li for wi, li in zip(w, losses) if wi > 0)
-                    if not torch.isfinite(loss):
-                        raise MocoError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; lower lr={lr}")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                    total += loss.item() * len(x)
-                    seen += len(x)
-                    for i, o in enumerate(outs):
-                        correct[i] += int((o.detach().argmax(1) == y).sum())
-                    bar.update(len(x))
-                    bar.set_postfix(loss=f"{total / seen:.4f}", acc0=f"{correct[0] / seen:.3f}")
-                bar.close()
-                train_acc = tuple(c / max(seen, 1) if i < len(outs) else math.nan for i, c in enumerate(correct))
-                val_acc = exit_accuracies(net, val_data) if val_data is not None else None
-                log = ExitEpochLog(epoch + 1, total / max(seen, 1), train_acc, val_acc, time.perf_counter() - te)
-                history.append(log)
-                if progress:
-                    accs = " ".join(f"{a:.4f}" for a in train_acc)
-                    val = f", val acc per exit {' '.join(f'{a:.4f}' for a in val_acc)}" if val_acc else ""
-                    tqdm.write(f"exits {mode} epoch {log.epoch}: loss {log.loss:.4f}, train acc per exit {accs}{val} "
-                               f"({log.seconds:.1f} s)")
+        run_training(module, train_data, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
+                     write=tqdm.write if progress else None, on_epoch=on_epoch, callbacks=callbacks, logger=logger,
+                     accelerator=accelerator, devices=devices, precision=precision, trainer_kwargs=trainer_kwargs,
+                     hparams=hparams)
     finally:
         for m, flag in flags:
             m.training = flag
-    return ExitTrainResult(mode, w, tuple(history), time.perf_counter() - t0)
+    return ExitTrainResult(mode, w, tuple(module.history), time.perf_counter() - t0)
