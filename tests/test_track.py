@@ -376,6 +376,9 @@ def test_bench_track_logs_one_run_per_benchmark(store, tiny_benchmarks, sqlite_s
     assert m["per_class.1.1"] == 0.75 and m["meta.seed"] == 3 and m["meta.wall_s"] == result["meta"]["wall_s"]
     assert p["benchmark"] == tiny_benchmarks[0] and p["seed"] == "3" and p["quick"] == "false"
     assert p["config.samples"] == "64"
+    epochs = client.get_metric_history(run.info.run_id, "epoch/train_accuracy")  # the fit's epochs
+    assert [h.step for h in epochs] == [1, 2] and epochs[-1].value == pytest.approx(result["train_accuracy"])
+    assert len(client.get_metric_history(run.info.run_id, "train_accuracy")) == 1  # the JSON's own value
     assert run.data.tags["moco.kind"] == "bench" and run.data.tags["benchmark"] == tiny_benchmarks[0]
     assert {"result.json", "table.txt"} <= _artifacts(client, run.info.run_id)
     table = Path(client.download_artifacts(run.info.run_id, "table.txt", str(tmp_path))).read_text()
@@ -419,11 +422,17 @@ def tiny_config(tmp_path_factory):
     return cfg
 
 
-def test_run_track_logs_a_parent_run_and_one_nested_run_per_step(tiny_config, sqlite_store, capsys, monkeypatch,
-                                                                  tmp_path):
-    folder, uri = sqlite_store
-    monkeypatch.chdir(folder)  # the default store: mlflow.db in the working directory
-    code, out, err = _cli(capsys, "run", str(tiny_config), "--track", "--out", str(tmp_path / "run"))
+@pytest.mark.parametrize("store", ["default", "server"])
+def test_run_track_logs_a_parent_run_and_one_nested_run_per_step(store, tiny_config, sqlite_store, request, capsys,
+                                                                  monkeypatch, tmp_path):
+    if store == "default":
+        folder, uri = sqlite_store
+        monkeypatch.chdir(folder)  # the default store: mlflow.db in the working directory
+        extra = []
+    else:
+        uri = request.getfixturevalue("mlflow_server")
+        extra = ["--tracking-uri", uri]
+    code, out, err = _cli(capsys, "run", str(tiny_config), "--track", "--out", str(tmp_path / "run"), *extra)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert "tracked: MLflow run" in out and "View run" not in out
@@ -457,6 +466,10 @@ def test_run_track_logs_a_parent_run_and_one_nested_run_per_step(tiny_config, sq
     assert exits.data.params["mode"] == "retrofit"  # the step's defaults are logged too
     assert "certified.bound" in exits.data.metrics and "exit_fraction.0" in exits.data.metrics
     assert any(f.startswith("02-exits/") for f in _artifacts(client, exits.info.run_id))
+    loss = client.get_metric_history(exits.info.run_id, "loss")
+    assert [h.step for h in loss] == [1, 2], "the exits step trains 2 epochs: one loss per epoch"
+    assert len(client.get_metric_history(exits.info.run_id, "train_accuracy.0")) == 2  # per exit
+    assert client.get_metric_history(children[0].info.run_id, "loss") == []  # profile trains nothing
 
 
 def test_run_track_with_a_bad_uri_fails_before_any_work(tiny_config, capsys, tmp_path, monkeypatch):

@@ -145,7 +145,8 @@ def run_benchmark(
     ``track=True`` logs one MLflow run (experiment ``experiment``, default ``moco-bench``, at
     ``tracking_uri``, see :func:`moco.track.resolve_tracking_uri`): the settings as params, every numeric
     leaf of the result as a metric (flattened keys), the JSON and the table as artifacts, and the epochs
-    of any training the benchmark does; ``meta.mlflow_run_id`` names the run. A bad URI fails before the
+    of any training the benchmark does (``epoch/loss``, ``epoch/train_accuracy``, ... at step = epoch);
+    ``meta.mlflow_run_id`` names the run. A bad URI fails before the
     benchmark runs; a benchmark that raises leaves its run FAILED.
     """
     _load(name)
@@ -169,7 +170,7 @@ def run_benchmark(
     with contextlib.ExitStack() as scope:
         if tracker is not None:
             scope.enter_context(tracker)  # FINISHED, or FAILED with the error when anything below raises
-            scope.enter_context(observe_epochs(tracker.epoch_callback()))
+            scope.enter_context(observe_epochs(tracker.epoch_callback(prefix="epoch/")))  # apart from the JSON's names
         result, line = _execute(name, quick=bool(quick), seed=seed, out=out,
                                 extra_meta={"mlflow_run_id": tracker.run_id} if tracker is not None else {})
         if json_path is not None:
