@@ -71,8 +71,8 @@ _PROBE_TIMEOUT_S = 3.0
 _DB_SCHEMES = {"sqlite", "postgresql", "postgres", "mysql", "mssql"}
 _DB_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
 _REMOTE_SCHEMES = {"databricks", "databricks-uc", "uc"}
-_URI_HELP = ("use a folder path, file:///abs/folder, sqlite:///path/mlflow.db, postgresql://user@host/db, "
-             "http://host:port (an 'mlflow server') or databricks")
+_URI_HELP = ("use sqlite:///path/mlflow.db, postgresql://user@host/db, http://host:port (an 'mlflow server'), "
+             "databricks, or a folder (with MLFLOW_ALLOW_FILE_STORE=true)")
 # MLflow's limits (mlflow.utils.validation): key length, param/tag value length, entities per log_batch
 _MAX_KEY, _MAX_PARAM, _MAX_TAG = 250, 6000, 8000
 _MAX_METRICS_PER_BATCH, _MAX_PARAMS_TAGS_PER_BATCH = 1000, 100
