@@ -484,3 +484,22 @@ def test_run_track_with_a_bad_uri_fails_before_any_work(tiny_config, capsys, tmp
     code, _, err = _cli(capsys, "bench", "baselines", "--track")
     assert code == 2 and "unknown scheme" in err
     assert not (Path.cwd() / "mlflow.db").exists()
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """Not MLflow's ./mlruns of whichever directory the process runs in: beside the .db file."""
+    from moco.track import Tracker
+
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    with Tracker("beside", tracking_uri=uri) as t:
+        t.log_text("hello", "note.txt")
+        run_id = t.run_id
+    assert list((store / "mlruns").rglob("note.txt")), "the artifact is not beside the database"
+    assert not (elsewhere / "mlruns").exists()
+    from mlflow import MlflowClient
+
+    assert MlflowClient(uri).get_run(run_id).info.artifact_uri.startswith((store / "mlruns").as_uri())

@@ -13,7 +13,7 @@
 
 Where runs go (:func:`resolve_tracking_uri`): the ``tracking_uri`` argument (``--tracking-uri``), else
 ``$MLFLOW_TRACKING_URI``, else MLflow's own embedded default, ``sqlite:///mlflow.db`` in the working
-directory (nothing to start; artifacts in ``./mlruns``). Any MLflow store works: a folder, ``sqlite:///``,
+directory (nothing to start; artifacts in ``mlruns/`` beside a SQLite database). Any MLflow store works: a folder, ``sqlite:///``,
 ``postgresql://``/``mysql://``, ``http(s)://`` of an ``mlflow server``, ``databricks``. A bad URI (unknown
 scheme, no host, a missing folder, a server that does not answer within a few seconds) is a
 :class:`~moco.errors.MocoError` naming the fix, raised before any work starts.
@@ -264,6 +264,22 @@ def _one_line(exc: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
 
 
+def _artifact_location(uri: str) -> str | None:
+    """For a SQLite store, ``mlruns/`` beside the database file (a ``file:`` URI); else the store's default.
+
+    MLflow's own default for a database store is ``./mlruns`` of whatever directory the process runs in,
+    so the same ``sqlite:////abs/mlflow.db`` would scatter artifacts over every working directory it is
+    used from. Beside the database, they stay with the runs they belong to (for the default
+    ``sqlite:///mlflow.db`` in the working directory it is the same place as MLflow's).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    if str(db) in ("", ":memory:"):
+        return None
+    return (db.resolve().parent / "mlruns").as_uri()
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -277,7 +293,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
                                 f"restore --experiment-id {exp.experiment_id}) or give another --experiment")
             return exp.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=_artifact_location(uri))
         except MlflowException as exc:  # another process created it between the two calls
             if attempt == 2 or "already exists" not in str(exc).lower() and "unique" not in str(exc).lower():
                 raise MocoError(f"cannot create MLflow experiment {name!r} at {uri}: {_one_line(exc)}") from None
