@@ -313,3 +313,33 @@ def test_checkpoint_written_by_the_engine_is_a_plain_moco_checkpoint(tmp_path):
     assert state["format"] == "moco.checkpoint" and state["arch"] == {"name": "x"} and "optimizer" in state
     path = save_checkpoint(model, tmp_path / "again.pt")
     assert set(torch.load(path, weights_only=True)) == {"format", "version", "arch", "meta", "state_dict"}
+
+
+class _Plain(torch.utils.data.Dataset):
+    """A Dataset without ``tensors()``: batched by a DataLoader and checked batch by batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_bad_samples_are_refused_in_memory_before_training_and_per_batch_otherwise():
+    x, y = blobs(96)
+    bad = x.clone()
+    bad[-1, 0, 0, 0] = float("inf")  # in the last batch of every epoch
+    model = small_net()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(MocoError, match="NaN or inf"):
+        fit(model, (bad, y), epochs=1, batch_size=16, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step was taken
+    with pytest.raises(MocoError, match="the model has 4 outputs"):
+        fit(small_net(), (x, torch.where(torch.arange(96) == 95, 7, y)), batch_size=16, progress=False)
+    with pytest.raises(MocoError, match="NaN or inf"):
+        fit(small_net(), _Plain(bad, y), epochs=1, batch_size=16, progress=False)
+    result = fit(small_net(), _Plain(x, y), epochs=1, batch_size=16, progress=False)
+    assert len(result.history) == 1 and result.history[0].train_accuracy > 0

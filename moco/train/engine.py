@@ -80,7 +80,9 @@ class SeededBatches:
         self.epoch = 0
         self.rank, self.world = 0, 1
         self.n = num_samples(data)
-        self._pair = as_tensors(data)
+        #: the ``(x, y)`` tensors of in-memory data (None for a Dataset without ``tensors()``); the module
+        #: may replace it by a checked pair (labels as int64) before training
+        self.pair = as_tensors(data)
         self._generator = torch.Generator().manual_seed(seed)
 
     def shard(self, rank: int, world: int) -> None:
@@ -99,16 +101,17 @@ class SeededBatches:
         gen = self._generator
         if self.reseed_each_epoch:
             gen.manual_seed(self.seed * EPOCH_SEED_STRIDE + self.epoch)
-        if self.world == 1:
-            yield from iter_batches(self.data, self.batch_size, shuffle=True, generator=gen)
+        if self.world == 1:  # the pair (not a Dataset's tensors() again each epoch): the same batches
+            source = self.pair if self.pair is not None else self.data
+            yield from iter_batches(source, self.batch_size, shuffle=True, generator=gen)
             return
         order = torch.randperm(self.n, generator=gen)
         total = self.samples_per_process * self.world
         if total > self.n:
             order = torch.cat([order, order.repeat(-(-total // self.n))[: total - self.n]])
         mine = order[self.rank : total : self.world]
-        if self._pair is not None:
-            x, y = self._pair
+        if self.pair is not None:
+            x, y = self.pair
             for start in range(0, len(mine), self.batch_size):
                 idx = mine[start : start + self.batch_size]
                 yield x[idx], (y[idx] if y is not None else None)
@@ -142,8 +145,9 @@ class _Sums:
 class TrainingModule(pl.LightningModule):
     """What moco's training modules share: the epoch bookkeeping around a subclass's ``training_step``.
 
-    A subclass sets the training flags of an epoch (:meth:`train_modes`), checks a batch on the host
-    before it moves to the device (:meth:`check_batch`), defines ``reset_sums()`` (zero its running
+    A subclass sets the training flags of an epoch (:meth:`train_modes`), checks in-memory training
+    data once before training (:meth:`check_data`) or else each batch on the host before it moves to the
+    device (:meth:`check_batch`), defines ``reset_sums()`` (zero its running
     sums at the start of an epoch), ``training_step`` (the loss, adding to the sums) and
     ``finish_epoch()`` (the sums, reduced over the processes, as the epoch's log), and optionally
     :meth:`epoch_metrics`, :meth:`epoch_lines`, :meth:`postfix` and :meth:`restore`. ``history`` holds the logs of every finished epoch
@@ -168,6 +172,16 @@ class TrainingModule(pl.LightningModule):
         self.steps_per_epoch = 0
         self.sums: _Sums | None = None
         self._t_epoch = 0.0
+        self._checked_data = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets ``_current_fx_name`` around every hook call, some 45 times a training step, and
+        # nn.Module.__setattr__ checks parameters, buffers and submodules each time (about a tenth of the
+        # engine's per-step overhead): this plain string attribute goes straight into the instance dict
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -190,8 +204,20 @@ class TrainingModule(pl.LightningModule):
         self._t_epoch = time.perf_counter()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._checked_data:  # in-memory data checked once before training: nothing to do per batch
+            return batch
         x, y = _as_pair(batch)
         return self.check_batch(x, y)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if device.type == "cpu" and all(t is None or t.device.type == "cpu" for t in batch):
+            return batch  # already there (Lightning's generic move walks the batch as a collection)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def check_data(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check all in-memory training data once, before training (the per-batch checks then stop);
+        returns the pair to train on. The base module checks nothing (per batch either)."""
+        return x, y
 
     # -- what subclasses provide ----------------------------------------------------------------
     def train_modes(self) -> None:
@@ -248,6 +274,7 @@ class ClassifierModule(TrainingModule):
         self.val_data = val_data
         self.val_batch_size = val_batch_size
         self._num_classes: int | None = None
+        self._all_labels: torch.Tensor | None = None
         self._batch_idx = [0]  # the step's batch index, for the schedule (a list: no module attribute set per step)
 
     def on_fit_start(self) -> None:
@@ -273,6 +300,20 @@ class ClassifierModule(TrainingModule):
 
         return x, _check_batch(x, y, self._num_classes, "training labels")
 
+    def check_data(self, x, y):
+        # what the per-batch checks did, once over all samples (every sample is in every epoch); a bad
+        # sample now stops the training before its first step. The label range is checked against the
+        # model's outputs at the first step.
+        if y is None:
+            raise MocoError("training and evaluation need labels: pass (x, y), a labelled Dataset or a DataLoader")
+        for start in range(0, len(x), 8192):
+            if not torch.isfinite(x[start : start + 8192]).all():
+                raise MocoError("the inputs contain NaN or inf; clean or normalise the data first")
+        y = check_labels(y, None, what="training labels")
+        self._all_labels = y
+        self._checked_data = True
+        return x, y
+
     def reset_sums(self) -> None:
         self.sums = _Sums(self.device)
 
@@ -283,7 +324,8 @@ class ClassifierModule(TrainingModule):
         logits = self.model(x)
         if self._num_classes is None:  # the first batch: now the model's outputs are known
             self._num_classes = int(logits.shape[-1])
-            check_labels(y, self._num_classes, what="training labels")
+            check_labels(self._all_labels if self._all_labels is not None else y, self._num_classes,
+                         what="training labels")
         loss = F.cross_entropy(logits, y)
         if self._teacher and self.distillation > 0:
             teacher = self._teacher[0]
@@ -395,6 +437,11 @@ class ExitModule(TrainingModule):
             raise MocoError("training needs labels: pass (x, y), a labelled Dataset or a DataLoader")
         return x, check_labels(y, self.model.num_classes, what="training labels")
 
+    def check_data(self, x, y):
+        x, y = self.check_batch(x, y)  # all labels at once
+        self._checked_data = True
+        return x, y
+
     def reset_sums(self) -> None:
         self.sums = _Sums(self.device, self.k)
 
@@ -477,6 +524,11 @@ class NoiseSearchModule(TrainingModule):
         if y is None:
             raise MocoError("train_gradient needs labels: pass (x, y) or a labelled dataset")
         return x, y.long()
+
+    def check_data(self, x, y):
+        x, y = self.check_batch(x, y)
+        self._checked_data = True
+        return x, y
 
     def reset_sums(self) -> None:
         self.sums = _Sums(self.device)
@@ -698,6 +750,8 @@ def _run(module: TrainingModule, data: Any, *, epochs, start_epoch, batch_size, 
         module.batches = None
     else:
         loader = SeededBatches(data, batch_size, seed, reseed_each_epoch=reseed_each_epoch)
+        if loader.pair is not None:
+            loader.pair = module.check_data(*loader.pair)
         module.batches = loader
     module.epoch_offset = start_epoch
     own: list[pl.Callback] = [_ProgressBar()] if progress else []
