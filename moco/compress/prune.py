@@ -421,7 +421,7 @@ class _HoldMasked:
         _apply_masks(self.pairs)
         for p, mask in self.pairs:
             if p.requires_grad:
-                self.handles.append(p.register_hook(lambda g, m=mask: g * m))
+                self.handles.append(p.register_hook(lambda g, m=mask: g * m.to(g.device)))  # the model may train on a GPU
         return self
 
     def __exit__(self, *exc):
