@@ -152,12 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     for name, (module, summary) in PLUGIN_COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # TODO(issue 15): remove once both modules have landed
-            if not (exc.name and module.startswith(exc.name)):
-                raise
-            continue
+        mod = importlib.import_module(module)
         plugin = sub.add_parser(name, help=summary, description=(mod.__doc__ or summary).strip().split("\n\n")[0])
         mod.add_arguments(plugin)
         plugin.set_defaults(_plugin=mod)
