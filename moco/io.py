@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "cache_dir", "read_json_document", "read_torch_file", "write_bytes_atomic",
+__all__ = ["atomic_path", "cache_dir", "prepare_out_dir", "read_json_document", "read_torch_file", "write_bytes_atomic",
            "write_json_atomic"]
 
 
@@ -110,6 +110,24 @@ def read_torch_file(path: str | os.PathLike, *, what: str, error: type[Exception
         else:
             detail = "it is truncated or was not written by torch.save"
         raise error(f"cannot read {what} {path} safely (weights_only=True): {detail}") from None
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create the ``--out`` folder ``out`` (parents too) and check it is writable, before any work starts.
+
+    Raises :class:`~moco.errors.MocoError` when ``out`` is a file or cannot be written into.
+    """
+    from moco.errors import MocoError
+
+    if out.exists() and not out.is_dir():
+        raise MocoError(f"--out {out} is a file; give a folder (it is created)")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".moco-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MocoError(f"cannot write into --out {out}: {exc.strerror}") from None
 
 
 def cache_dir() -> Path:

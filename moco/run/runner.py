@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from moco.errors import MocoError
-from moco.io import write_bytes_atomic, write_json_atomic
+from moco.io import prepare_out_dir, write_bytes_atomic, write_json_atomic
 from moco.results import ResultProtocol, frame_text, json_safe
 from moco.run.config import RunConfig
 from moco.run.stage import RunContext, Stage
@@ -301,18 +301,6 @@ def _measure(stage: Stage, ctx: RunContext, base_labels: np.ndarray | None) -> d
 
 # -------------------------------------------------------------------------------------------- run
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise MocoError(f"--out {out} is a file; give a folder (it is created)")
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".moco-write-test"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise MocoError(f"cannot write into --out {out}: {exc.strerror}") from None
-
-
 def run_config(cfg: RunConfig, out: str | Path, *, progress: bool = False, echo=None, track: bool = False,
                tracking_uri: str | None = None, experiment: str | None = None) -> RunResult:
     """Run every step of ``cfg`` in order, each on the previous step's result; write the run folder.
@@ -335,7 +323,7 @@ def run_config(cfg: RunConfig, out: str | Path, *, progress: bool = False, echo=
     say = echo or (lambda *_: None)
     old_threads = torch.get_num_threads()
     try:
-        _prepare_out(out)
+        prepare_out_dir(out)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         with torch.random.fork_rng():

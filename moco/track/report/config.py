@@ -12,9 +12,6 @@ file with every swept parameter fixed to the trial's value (a grid of one point)
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import tomllib
 from typing import Any, Mapping
 
@@ -52,76 +49,15 @@ def params_text(params: Mapping[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- TOML
-# The standard library reads TOML (tomllib) but does not write it; the config files written here are small
-# (tables, arrays of tables, scalars, lists), so a 40-line writer checked by a tomllib round trip replaces
-# a new dependency.
-
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k, ensure_ascii=False)
-
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_scalar(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(str(k))} = {_scalar(x)}" for k, x in v.items()) + "}"
-    if v is None:
-        raise MocoError("TOML has no null: a config value is None")
-    raise MocoError(f"cannot write {type(v).__name__} value {v!r} to TOML")
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
-
-
-def _emit(table: Mapping[str, Any], path: list[str], out: list[str]) -> None:
-    plain = [(k, v) for k, v in table.items() if not isinstance(v, dict) and not _is_table_array(v)]
-    for k, v in plain:
-        out.append(f"{_key(str(k))} = {_scalar(v)}")
-    for k, v in table.items():
-        sub = path + [_key(str(k))]
-        if isinstance(v, dict):
-            out.extend(["", f"[{'.'.join(sub)}]"])
-            _emit(v, sub, out)
-        elif _is_table_array(v):
-            for item in v:
-                out.extend(["", f"[[{'.'.join(sub)}]]"])
-                _emit(item, sub, out)
 
 
 def toml_dumps(doc: Mapping[str, Any], *, header: str = "") -> str:
-    """``doc`` as TOML text (``header`` lines become ``#`` comments); checked by reading it back."""
-    out = [f"# {line}".rstrip() for line in header.splitlines()]
-    _emit(doc, [], out)
-    text = "\n".join(out).lstrip("\n") + "\n"
-    if _nan_free(doc) and tomllib.loads(text) != json.loads(json.dumps(doc)):
-        raise MocoError("internal error: the TOML written does not read back as the config")  # pragma: no cover
-    return text
+    """``doc`` as TOML text (``header`` lines become ``#`` comments): the sweep's own writer
+    (:func:`moco.track.sweep.dumps_toml`, checked by reading it back) under the comment lines."""
+    from moco.track.sweep.config import dumps_toml
 
-
-def _nan_free(doc: Any) -> bool:
-    if isinstance(doc, float):
-        return math.isfinite(doc)
-    if isinstance(doc, dict):
-        return all(_nan_free(v) for v in doc.values())
-    if isinstance(doc, (list, tuple)):
-        return all(_nan_free(v) for v in doc)
-    return True
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    return "\n".join([*lines, dumps_toml(doc)]) if lines else dumps_toml(doc)
 
 
 def fixed_sweep_config(sweep_toml: str, params: Mapping[str, Any], *, trial: int | None = None,

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from moco.errors import MocoError
+from moco.run.config import _unknown  # the same one-line "unknown key(s) ...; known keys" error as moco run
 
 __all__ = [
     "OBJECTIVES", "PIPELINE_OBJECTIVES", "SAMPLERS", "TRAIN_DEFAULTS", "ParamSpec", "SweepConfig",
@@ -390,12 +391,6 @@ def _table(doc: Mapping[str, Any], key: str, where: str, required: bool = True) 
     if not isinstance(value, dict):
         raise MocoError(f"{where}: {key} must be a table ([{key}]), got {type(value).__name__}")
     return value
-
-
-def _unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    extra = sorted(set(table) - allowed)
-    if extra:
-        raise MocoError(f"{where}: unknown key(s) {', '.join(extra)}; known keys: {', '.join(sorted(allowed))}")
 
 
 def _int(value: Any, name: str, where: str, minimum: int = 1) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from moco.errors import MocoError
+from moco.io import prepare_out_dir
 from moco.results import ResultProtocol, frame_text, json_safe
 from moco.track.sweep.config import SweepConfig, dumps_toml, load_sweep, sweep_from_dict
 from moco.track.sweep.storage import (INTERRUPTED_ATTR, STALE_AFTER_S, StorageSpec, StudyLock,
@@ -351,18 +352,6 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------ launcher
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise MocoError(f"--out {out} is a file; give a folder (it is created)")
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".moco-write-test"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise MocoError(f"cannot write into --out {out}: {exc.strerror}") from None
-
-
 def _clean_tmp(out: Path) -> None:
     """Remove half-written trial folders of processes on this host that are gone."""
     from moco.track.sweep.storage import _start_ticks
@@ -473,7 +462,7 @@ def run_sweep(
 
         tracking = {"tracking_uri": resolve_tracking_uri(tracking_uri or cfg.track.get("tracking_uri")),
                     "experiment": cfg.track.get("experiment", cfg.name), "study": study_name}
-    _prepare_out(out)
+    prepare_out_dir(out)
     _check_out_matches(out, study_name, spec)
     optuna_study, storage_obj, lock = open_study(spec, study_name, cfg.directions, digest=cfg.digest())
     with lock:
