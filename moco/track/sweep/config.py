@@ -502,8 +502,7 @@ def sweep_from_dict(doc: Mapping[str, Any], *, base_dir: str | Path | None = Non
             or any(d not in ("maximize", "minimize") for d in directions)):
         raise MocoError(f"{where} [search]: directions must list 'maximize' or 'minimize' once per objective "
                         f"({len(objectives)}), got {directions!r}")
-    if len(objectives) > 1 and sampler == "tpe":
-        pass  # TPE handles several objectives too
+    # (TPE handles several objectives too: no check needed for it)
     pruner = search.get("pruner", "none")
     if pruner not in PRUNERS:
         raise MocoError(f"{where} [search]: pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
