@@ -134,23 +134,47 @@ def test_grid_sweep_runs_every_point_once_and_writes_the_contract(tmp_path, caps
     assert again.counts["trials"] == 4 and len(_study(out, "tiny").get_trials()) == 4
 
 
+_SLOW_NET = """
+import time
+from torch import nn
+
+
+class Net(nn.Module):
+    # a tiny CNN whose training steps also wait (without using a core), so that each trial lasts
+    # about 2 s on any machine: long enough for the second worker to start and claim trials of its own
+    def __init__(self, c1_channels=2, hidden=8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, c1_channels, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(c1_channels * 784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(0.3)
+        return self.body(x)
+"""
+
+
 def test_two_worker_processes_share_one_study(tmp_path):
     from moco.track.sweep import run_sweep
 
-    path = _write(tmp_path, _doc("pair"))
+    (tmp_path / "slow.py").write_text(_SLOW_NET)
+    doc = _doc("pair", params={"model.c1_channels": [2, 3, 4], "model.hidden": [8, 16]})
+    doc["model"] = {"spec": "slow.py:Net"}
+    path = _write(tmp_path, doc)
     res = run_sweep(path, out=tmp_path / "out2", workers=2, threads=1)
     assert res.workers == 2 and res.threads == 1
     trials = _study(tmp_path / "out2", "pair").get_trials()
-    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
-    assert len({_param_key(t) for t in trials}) == 4  # no point twice
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len({_param_key(t) for t in trials}) == 6  # no point twice
     pids = {t.user_attrs["worker_pid"] for t in trials}
-    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, neither of them this one
+    # two processes ran trials: this one (worker 0) and the subprocess it started
+    assert len(pids) == 2 and os.getpid() in pids
     # the result does not depend on who ran it: one worker in this process gives the same numbers
     one = run_sweep(path, out=tmp_path / "out1", workers=1, threads=1)
     by_point = {_param_key(t): t.values[0] for t in trials}
     for t in _study(tmp_path / "out1", "pair").get_trials():  # same seed, same threads: the same numbers
         assert t.values[0] == by_point[_param_key(t)]
-    assert one.counts["complete"] == 4
+    assert one.counts["complete"] == 6
 
 
 def test_thread_policy_fills_the_cores_without_oversubscribing():
