@@ -135,8 +135,9 @@ def _run_recipe(name, base, current, recipes, responses, data, cfg, seed, out, o
     recalibrate_batchnorm(refreshed, x_ft, max_samples=2000)
     acc_bn = evaluate(refreshed, (x_te, y_te)).accuracy
     t0 = time.perf_counter()
+    # cfg["distill"]: knowledge distillation from the base (the trained model the small one replaces)
     finetune(small, (x_ft, y_ft), epochs=cfg["finetune_epochs"], lr=1e-3, optimizer="adam", batch_size=128,
-             schedule="cosine", seed=seed, progress=False)
+             schedule="cosine", seed=seed, progress=False, teacher=base if cfg.get("distill") else None)
     ft_s = time.perf_counter() - t0
     small.eval()
     rep = compare_models(base, small, (x_te, y_te), example_input=example, batch_size=BATCH_SIZE,
