@@ -1,10 +1,10 @@
 """``run_sweep``: a sweep on an Optuna study, in ``workers`` processes on this machine, resumable.
 
 Processes and threads. ``workers=N`` runs N worker processes on one study: the calling process itself
-(worker 0) and ``N - 1`` subprocesses. Each sets torch's intra-op threads to ``max(1, cores // N)`` (``cores``: the CPUs this
-process may use, ``os.sched_getaffinity``), and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` to the same, so N
-workers fill the machine without oversubscribing it. Workers are started as ``python -m
-moco.track.sweep.worker`` subprocesses and die with the sweep (``PR_SET_PDEATHSIG``); more machines join
+(worker 0) and ``N - 1`` subprocesses. Each sets torch's intra-op threads to ``max(1, cores // N)``
+(``cores``: the CPUs this process may use, ``os.sched_getaffinity``), and ``OMP_NUM_THREADS``/
+``MKL_NUM_THREADS`` to the same, so N workers fill the machine without oversubscribing it. The other
+workers are started as ``python -m moco.track.sweep.worker`` subprocesses and die with the sweep (``PR_SET_PDEATHSIG``); more machines join
 the same study by running the same command with ``--storage postgresql://...`` and ``--study NAME``.
 
 Resume. Running the same command again continues the study: finished trials (complete, pruned, failed
@@ -522,8 +522,8 @@ def _one_round(cfg, out, spec, study_name, study, workers, threads, tracking, pr
         bar.refresh()
 
     def in_process() -> None:
-        # this process is worker 0 (also of a multi-worker round: one interpreter start and one data load
-        # fewer than a launcher that only waits; measured 2.6 s of a 32 s quick sweep on 2 cores)
+        # this process is worker 0, also in a multi-worker round: a launcher that only waited would cost one
+        # more interpreter start (torch, Lightning and Optuna imports: about 4.5 s of CPU) and one data load
         import torch
 
         old = torch.get_num_threads()
