@@ -236,6 +236,41 @@ def test_duplicated_and_dead_filters_are_found_in_a_real_conv_layer():
     assert PFA.keep({"1": recipe}, rename={"1": "0"}) == {"0": sorted(recipe.units_to_keep)}
 
 
+
+def test_partial_keep_scales_the_reduction_and_keeps_the_strategy_order():
+    from moco.compress.pfa import partial_keep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 10 * 10, 3))
+    pfa = PFA.introspect(torch.randn(300, 1, 12, 12), model=model, layers="1", progress=False)
+    recipe = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=0.25))
+    n, k = 16, recipe["1"].recommended_count
+    assert k == 4
+    assert partial_keep(recipe, pfa, 0.0) == {"1": list(range(16))}
+    half = partial_keep(recipe, pfa, 0.5)["1"]
+    assert len(half) == n - round(0.5 * (n - k)) == 10 and half == sorted(half)
+    full = partial_keep(recipe, pfa, 1.0)["1"]
+    assert len(full) == k and set(full) <= set(half)  # L1Max picks greedily: a smaller set is a prefix
+    with pytest.raises(MocoError, match="fraction must be in"):
+        partial_keep(recipe, pfa, 1.5)
+    with pytest.raises(MocoError, match="no statistics"):
+        partial_keep({"other": recipe["1"]}, pfa, 0.5)
+    assert len(partial_keep(recipe, pfa, 0.5, round_to=8)["1"]) == 8  # 10 -> the nearest multiple of 8
+    assert len(partial_keep(recipe, pfa, 0.0, round_to=8)["1"]) == 16
+    assert len(partial_keep(recipe, pfa, 1.0, round_to=8)["1"]) == 8  # 4 -> at least one multiple
+    with pytest.raises(MocoError, match="round_to must be"):
+        partial_keep(recipe, pfa, 0.5, round_to=0)
+
+
+@pytest.mark.parametrize("count, n, round_to, expected", [
+    (9, 16, 8, 8), (13, 16, 8, 16), (37, 64, 8, 40), (3, 8, 8, 8), (10, 12, 8, 8), (12, 12, 8, 12), (5, 9, None, 5),
+    (5, 9, 1, 5), (19, 32, 16, 16)])
+def test_rounded_count(count, n, round_to, expected):
+    from moco.compress.pfa import rounded_count
+
+    assert rounded_count(count, n, round_to) == expected
+
+
 # ------------------------------------------------------------------------------------------ failures
 def test_failed_responses_name_the_reason():
     rng = np.random.default_rng(3)
@@ -477,3 +512,10 @@ def test_pfa_loop_on_a_batchnorm_residual_se_model_stops_within_budget():
     assert list(loop.to_frame().columns)[:3] == ["fraction", "units", "macs"]
     with pytest.raises(MocoError, match="fractions must be increasing"):
         PFALoop(fractions=(1.0, 0.5)).fit(model, (x[:400], y[:400]), (x[400:], y[400:]))
+    with pytest.raises(MocoError, match="round_to must be"):
+        PFALoop(round_to="8").fit(model, (x[:400], y[:400]), (x[400:], y[400:]))
+    rounded = PFALoop(fractions=(1.0,), max_drop=1.0, finetune_epochs=1, finetune_samples=64, introspect_samples=300,
+                      batch_size=32, round_to=4).fit(model, (x[:400], y[:400]), (x[400:], y[400:]))
+    assert rounded.keep_ and all(len(v) % 4 == 0 or len(v) == rounded.recipes_[k].original_count  # a small layer
+                                 for k, v in rounded.keep_.items())                                # stays whole
+    assert any(len(v) < rounded.recipes_[k].original_count for k, v in rounded.keep_.items())

@@ -20,7 +20,7 @@ N_TRAIN, N_TEST = 1500, 400
 # per-method settings that keep each example to seconds (the example files hold the real defaults)
 SMALL = {
     "prune": {"max_steps": 2, "retrain_samples": 500, "finetune_epochs": 1, "drop_threshold": 0.1, "lr": 1e-3},
-    "pfa": {"fractions": [0.5, 1.0], "finetune_samples": 500, "introspect_samples": 300},
+    "pfa": {"fractions": [0.5, 1.0], "finetune_samples": 500, "introspect_samples": 300, "round_to": 8},
     "exits": {"epochs": 1, "target": 0.05},
     "rules": {"samples": N_TRAIN, "max_error": 0.3},
     "export": {"calibration_samples": 64},

@@ -55,9 +55,9 @@ SETTINGS = {
     # takes it to chance: 27 layers each lose a third of their units); on the 15-epoch base, 6 epochs
     # distilled from the base bring it to 62.82 % against the base's 63.20 % (full run, 2026-12-02)
     False: dict(n_introspect=2000, n_finetune=None, finetune_epochs=6, distill=True, timing_samples=2000, repeats=5,
-                iterate=True),
+                iterate=True, second_fractions=(0.25, 0.5)),
     True: dict(n_introspect=600, n_finetune=2_000, finetune_epochs=1, distill=True, timing_samples=500, repeats=3,
-               iterate=False),
+               iterate=False, second_fractions=()),
 }
 
 
@@ -92,7 +92,7 @@ def bench_pfa_cifar(quick: bool, seed: int, out=print, *, out_dir: str | Path = 
     import pandas as pd
 
     from moco.bench.bench_pfa_fashion import _run_recipe, _widths  # the same surgery + fine-tune + report step
-    from moco.compress.pfa import PFA, leader_recipes
+    from moco.compress.pfa import PFA, leader_recipes, partial_keep
     from moco.data import load_cifar10
     from moco.train import pretrained
 
@@ -171,6 +171,14 @@ def bench_pfa_cifar(quick: bool, seed: int, out=print, *, out_dir: str | Path = 
         applied2, _ = leader_recipes(kl2, first, example)
         out("\nsecond KL iteration on the fine-tuned KL model: "
             + ", ".join(f"{names.get(n, n)} {r.recommended_count}/{r.original_count}" for n, r in applied2.items()))
+        # the second step also in part (as PFALoop steps): each layer gives up `fraction` of the units
+        # the second KL recipe would remove, chosen by L1Max on the fine-tuned model's covariances
+        for fraction in cfg["second_fractions"]:
+            keep2 = partial_keep(applied2, again, fraction, PFA.UnitSelectionStrategy.L1Max())
+            out(f"\nsecond KL iteration at {fraction:g} of its reduction: "
+                + ", ".join(f"{names.get(n, n)} {len(v)}/{applied2[n].original_count}" for n, v in keep2.items()))
+            _, rows[f"kl_x2_f{fraction:g}"] = _run_recipe(f"kl_x2_f{fraction:g}", base, first, keep2, {}, data, cfg,
+                                                         seed, out, out_dir)
         _, rows["kl_x2"] = _run_recipe("kl_x2", base, first, applied2, {}, data, cfg, seed, out, out_dir)
 
     meeting = {k: r for k, r in rows.items() if r["accuracy_drop_points"] <= TARGET_DROP_POINTS}

@@ -115,7 +115,10 @@ def _size_for_macs(pfa, model, responses, target: float, example) -> tuple[float
 
 
 def _run_recipe(name, base, current, recipes, responses, data, cfg, seed, out, out_dir):
-    """Surgery + fine-tune + side-by-side report for one recipe applied to ``current``."""
+    """Surgery + fine-tune + side-by-side report for one recipe applied to ``current``.
+
+    ``recipes``: ``{response: PFARecipe}`` (mapped to modules by ``responses``), or already
+    ``{module: kept unit indices}`` (e.g. :func:`moco.compress.pfa.partial_keep`)."""
     from moco.compress.finetune import finetune, recalibrate_batchnorm
     from moco.compress.pfa import PFA
     from moco.compress.report import compare_models
@@ -124,7 +127,10 @@ def _run_recipe(name, base, current, recipes, responses, data, cfg, seed, out, o
 
     (x_ft, y_ft), (x_te, y_te) = data["finetune"], data["test"]
     example = x_te[:1]
-    keep = PFA.keep(recipes, rename=responses)
+    if all(isinstance(v, (list, tuple)) for v in recipes.values()):
+        keep = {n: list(v) for n, v in recipes.items()}
+    else:
+        keep = PFA.keep(recipes, rename=responses)
     small = apply(current, keep, example_input=example)
     acc_pre = evaluate(small, (x_te, y_te)).accuracy
     # diagnostic, on a copy: surgery leaves the original's BatchNorm statistics, which no longer fit the

@@ -42,7 +42,8 @@ STEP_PARAMS: dict[str, dict[str, Any]] = {
               "finetune_lr": 5e-4, "distill": True},
     "pfa": {"layers": None, "recipe": "kl", "energy_threshold": 0.99, "relative_size": 0.5, "unit_strategy": "l1max",
             "targeted": True, "max_drop": 0.01, "fractions": [0.25, 0.5, 0.75, 1.0], "finetune_epochs": 1,
-            "finetune_samples": 10000, "lr": 2e-4, "distill": True, "introspect_samples": 2000, "batch_size": 128},
+            "finetune_samples": 10000, "lr": 2e-4, "distill": True, "introspect_samples": 2000, "batch_size": 128,
+            "round_to": None},
     "exits": {"points": None, "head": "auto", "mode": "retrofit", "epochs": 2, "lr": 2e-3,
               "batch_size": 128, "distillation": 0.0, "target": 0.01, "metric": "accuracy_drop", "confidence": 0.95,
               "criterion": "entropy", "train_samples": None},
@@ -217,7 +218,8 @@ def _pfa(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
                    max_drop=float(p["max_drop"]) if p["targeted"] else math.inf,
                    finetune_epochs=int(p["finetune_epochs"]), finetune_samples=p["finetune_samples"], lr=float(p["lr"]),
                    distill=bool(p["distill"]), introspect_samples=int(p["introspect_samples"]),
-                   batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example, progress=ctx.progress)
+                   batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example, round_to=p["round_to"],
+                   progress=ctx.progress)
     loop.fit(model, ctx.fit.tensors(), ctx.holdout.tensors())
     small = loop.small_.eval()
     files = _save_model(small, out, ctx)
