@@ -170,14 +170,14 @@ def bench_pfa_cifar(quick: bool, seed: int, out=print, *, out_dir: str | Path = 
     out(f"\nKL applied to the first conv of each dependency group ({len(applied)} convs); "
         f"{len(dropped)} follow (depthwise convs keep their input's channels)")
     rows: dict[str, dict] = {}
-    first, rows["kl"] = _run_recipe("kl", base, base, applied, {}, data, cfg, seed, out, out_dir)
+    first, rows["kl"] = _run_recipe("kl", base, base, PFA.keep(applied), data, cfg, seed, out, out_dir)
     if cfg["round_to"]:
         # the same recipe with every kept count rounded to a multiple of round_to: ONNX Runtime runs the
         # odd widths PFA gives on slower kernels (moco.compress.pfa.partial_keep)
         keep = partial_keep(applied, pfa, 1.0, PFA.UnitSelectionStrategy.L1Max(), round_to=cfg["round_to"])
         out(f"\nKL with kept counts rounded to multiples of {cfg['round_to']}: "
             + ", ".join(f"{names.get(n, n)} {len(keep[n])} (KL {r.recommended_count})" for n, r in applied.items()))
-        _, rows[f"kl_r{cfg['round_to']}"] = _run_recipe(f"kl_r{cfg['round_to']}", base, base, keep, {}, data, cfg,
+        _, rows[f"kl_r{cfg['round_to']}"] = _run_recipe(f"kl_r{cfg['round_to']}", base, base, keep, data, cfg,
                                                         seed, out, out_dir)
     if cfg["iterate"]:
         again = PFA.introspect(PFA.producer(images, model=first, layers=_conv_layers(first)), batch_size=500)
@@ -191,9 +191,9 @@ def bench_pfa_cifar(quick: bool, seed: int, out=print, *, out_dir: str | Path = 
             keep2 = partial_keep(applied2, again, fraction, PFA.UnitSelectionStrategy.L1Max())
             out(f"\nsecond KL iteration at {fraction:g} of its reduction: "
                 + ", ".join(f"{names.get(n, n)} {len(v)}/{applied2[n].original_count}" for n, v in keep2.items()))
-            _, rows[f"kl_x2_f{fraction:g}"] = _run_recipe(f"kl_x2_f{fraction:g}", base, first, keep2, {}, data, cfg,
+            _, rows[f"kl_x2_f{fraction:g}"] = _run_recipe(f"kl_x2_f{fraction:g}", base, first, keep2, data, cfg,
                                                          seed, out, out_dir)
-        _, rows["kl_x2"] = _run_recipe("kl_x2", base, first, applied2, {}, data, cfg, seed, out, out_dir)
+        _, rows["kl_x2"] = _run_recipe("kl_x2", base, first, PFA.keep(applied2), data, cfg, seed, out, out_dir)
 
     meeting = {k: r for k, r in rows.items() if r["accuracy_drop_points"] <= TARGET_DROP_POINTS}
     best = max(meeting, key=lambda k: rows[k]["macs_reduction"]) if meeting else min(

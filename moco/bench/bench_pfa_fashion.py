@@ -114,23 +114,17 @@ def _size_for_macs(pfa, model, responses, target: float, example) -> tuple[float
     return fraction, reduction(fraction)
 
 
-def _run_recipe(name, base, current, recipes, responses, data, cfg, seed, out, out_dir):
-    """Surgery + fine-tune + side-by-side report for one recipe applied to ``current``.
-
-    ``recipes``: ``{response: PFARecipe}`` (mapped to modules by ``responses``), or already
-    ``{module: kept unit indices}`` (e.g. :func:`moco.compress.pfa.partial_keep`)."""
+def _run_recipe(name, base, current, keep, data, cfg, seed, out, out_dir):
+    """Surgery + fine-tune + side-by-side report for one recipe applied to ``current``; ``keep``:
+    ``{module: kept unit indices}`` (``PFA.keep(recipes, rename=...)`` or
+    :func:`moco.compress.pfa.partial_keep`)."""
     from moco.compress.finetune import finetune, recalibrate_batchnorm
-    from moco.compress.pfa import PFA
     from moco.compress.report import compare_models
     from moco.compress.surgery import apply
     from moco.train import evaluate
 
     (x_ft, y_ft), (x_te, y_te) = data["finetune"], data["test"]
     example = x_te[:1]
-    if all(isinstance(v, (list, tuple)) for v in recipes.values()):
-        keep = {n: list(v) for n, v in recipes.items()}
-    else:
-        keep = PFA.keep(recipes, rename=responses)
     small = apply(current, keep, example_input=example)
     acc_pre = evaluate(small, (x_te, y_te)).accuracy
     # diagnostic, on a copy: surgery leaves the original's BatchNorm statistics, which no longer fit the
@@ -255,7 +249,8 @@ def bench_pfa_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Path 
     rows: dict[str, dict] = {}
     smalls: dict[str, nn.Module] = {}
     for name, recipes in recipe_sets.items():
-        smalls[name], rows[name] = _run_recipe(name, base, base, recipes, responses, data, cfg, seed, out, out_dir)
+        smalls[name], rows[name] = _run_recipe(name, base, base, PFA.keep(recipes, rename=responses), data, cfg,
+                                                   seed, out, out_dir)
 
     if cfg["iterate"] and rows["kl"]["macs_reduction"] < TARGET_MACS:
         # iterate as the PFA paper does: introspect the fine-tuned KL model and apply KL again
@@ -265,8 +260,8 @@ def bench_pfa_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Path 
         kl2 = again.get_recipe(strategy=PFA.Strategy.KL(), unit_strategy=PFA.UnitSelectionStrategy.AbsMax())
         out("\nPFA KL on the fine-tuned KL model (second iteration):")
         out(PFA.show(kl2, include_columns=cols).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        smalls["kl_x2"], rows["kl_x2"] = _run_recipe("kl_x2", base, first, kl2, block_responses(first), data, cfg,
-                                                     seed, out, out_dir)
+        keep2 = PFA.keep(kl2, rename=block_responses(first))
+        smalls["kl_x2"], rows["kl_x2"] = _run_recipe("kl_x2", base, first, keep2, data, cfg, seed, out, out_dir)
 
     meeting = {k: r for k, r in rows.items() if r["accuracy_drop_points"] <= TARGET_DROP_POINTS}
     if meeting:

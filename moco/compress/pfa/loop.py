@@ -101,7 +101,7 @@ def check_round_to(round_to: Any) -> int | None:
 def rounded_count(count: int, n: int, round_to: int | None) -> int:
     """``count`` of ``n`` units rounded to the nearest multiple of ``round_to`` (at least ``round_to``,
     at most ``n``; a layer of at most ``round_to`` units is left whole)."""
-    if not round_to or round_to == 1:
+    if not round_to:
         return count
     return min(n, max(round_to, int(round(count / round_to)) * round_to))
 
