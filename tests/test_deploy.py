@@ -89,6 +89,40 @@ def test_plain_model_file_and_folder(seed_cnn, x, y, tmp_path):
     assert np.abs(load(tmp_path / "mf")(x) - ref).max() < 1e-4
 
 
+def test_micro_batches_give_the_same_outputs_and_are_checked(exits_net, seed_cnn, x, tmp_path):
+    """A tuned micro-batch runs a large batch in chunks with the same outputs; a malformed one is refused."""
+    export(seed_cnn, tmp_path / "m", x[:4])
+    path = tmp_path / "m" / "manifest.json"
+    doc = json.loads(path.read_text())
+    session = doc["graphs"]["fp32"][0]["session"]
+    assert session["micro_batch"] in (None, 256, 64) and session["batch"] in (512, 4)
+    whole = load(tmp_path / "m", optimization="all")
+    assert whole.graphs[0].micro_batch is None
+    doc["graphs"]["fp32"][0]["session"] = dict(session, name="all", optimization="all", disabled_optimizers=[],
+                                               micro_batch=7)
+    path.write_text(json.dumps(doc))
+    chunked = load(tmp_path / "m")
+    assert chunked.graphs[0].micro_batch == 7 and chunked.graphs[0].config["micro_batch"] == 7
+    np.testing.assert_allclose(chunked(x), whole(x), rtol=1e-5, atol=1e-5)  # 96 samples = 13 chunks of <= 7
+    assert chunked(x[:3]).shape == (3, 10)
+    for bad in (0, -4, 2.5, True, "256"):
+        doc["graphs"]["fp32"][0]["session"]["micro_batch"] = bad
+        path.write_text(json.dumps(doc))
+        with pytest.raises(MocoError, match="session settings"):
+            load(tmp_path / "m")
+    # exits: every segment graph chunks the same way and the decisions do not change
+    export(exits_net, tmp_path / "e", x[:8])
+    path = tmp_path / "e" / "manifest.json"
+    doc = json.loads(path.read_text())
+    ref_logits, ref_exit = load(tmp_path / "e", optimization="all")(x)
+    for item in doc["graphs"]["fp32"]:
+        item["session"] = dict(item["session"], name="all", optimization="all", disabled_optimizers=[], micro_batch=5)
+    path.write_text(json.dumps(doc))
+    logits, exit_at = load(tmp_path / "e")(x)
+    assert (exit_at == ref_exit).all()
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_plain_model_int8_reports_agreement(seed_cnn, x, y, tmp_path):
     res = export(seed_cnn, tmp_path / "q", x[:4], int8=x[:64], check=(x, y))
     assert res.precision == "int8" and set(res.graphs) == {"fp32", "int8"}

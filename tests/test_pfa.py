@@ -260,6 +260,21 @@ def test_partial_keep_scales_the_reduction_and_keeps_the_strategy_order():
     assert len(partial_keep(recipe, pfa, 1.0, round_to=8)["1"]) == 8  # 4 -> at least one multiple
     with pytest.raises(MocoError, match="round_to must be"):
         partial_keep(recipe, pfa, 0.5, round_to=0)
+    from moco.profile import nchwc_block_size
+
+    block = nchwc_block_size()  # "auto": this CPU's ONNX Runtime block (8 or 16); the 16-unit layer allows both
+    assert len(partial_keep(recipe, pfa, 0.0, round_to="auto")["1"]) == 16
+    assert len(partial_keep(recipe, pfa, 1.0, round_to="AUTO")["1"]) == block
+
+
+def test_nchwc_block_size_follows_the_cpu_flags():
+    from moco.profile import cpu_flags, cpu_name, nchwc_block_size
+
+    assert nchwc_block_size(frozenset({"sse2", "avx2", "fma"})) == 8
+    assert nchwc_block_size(frozenset({"avx2", "avx512f", "avx512bw"})) == 16
+    assert nchwc_block_size(frozenset()) == 8
+    assert nchwc_block_size() in (8, 16)
+    assert isinstance(cpu_flags(), frozenset) and cpu_name()
 
 
 @pytest.mark.parametrize("count, n, round_to, expected", [

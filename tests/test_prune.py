@@ -442,3 +442,26 @@ def test_compare_importance_same_macs_same_finetuning():
 
     json.dumps(result.to_dict())
     assert str(result) == result.to_text() and "best:" in result.to_text()
+
+
+def test_iterative_pruner_round_to_leaves_multiples(task):
+    """round_to: every step leaves a multiple (raising the step as needed); a layer at one multiple is done."""
+    model, train, val = task
+    pruner = IterativePruner(["5"], drop_threshold=0.5, step=1, retrain_samples=100, max_steps=6, seed=0, round_to=4,
+                             example_input=val[0][:1], progress=False).fit(model, train, val)
+    assert all(s.units_after % 4 == 0 and s.units_before - s.units_after in (0, 4) for s in pruner.log_)
+    assert [s.units_after for s in pruner.log_ if s.accepted] == [12, 8, 4]  # 16 -> 12 -> 8 -> 4, then done
+    assert len(pruner.keep_["5"]) == 4 and len(pruner.log_) == 3
+    # a width that is not a multiple: the first step goes down to the multiple below (12 -> 8, not 12 -> 11)
+    def step(live, n, **kw):
+        p = IterativePruner(["5"], **kw)
+        p._check_params()
+        return p._rounded_n(live, n)
+
+    assert step(12, 1, round_to=8) == 4
+    assert step(24, 1, round_to=8, min_units=9) == 8  # keeps 16, the smallest multiple >= 9
+    assert step(8, 1, round_to=8) == 0  # one multiple left: the layer is done
+    assert step(12, 3, round_to=None) == 3
+    assert step(40, 3, round_to="auto") == 8  # 37 left -> 32 with a block of 8 or 16
+    with pytest.raises(MocoError, match="round_to must be"):
+        IterativePruner(["5"], round_to=-8).fit(model, train, val)

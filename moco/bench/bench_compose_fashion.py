@@ -2,7 +2,8 @@
 int8, deployed as one folder, against the original in ONNX Runtime FP32.
 
 1. the base: ``pretrained("vgg_bn", "fashion_mnist")`` (six conv3x3-BN-ReLU, 29.1 M MACs per image);
-2. structured compression: PFA (``KL`` recipe, ``AbsMax`` units) on 4,000 training images, surgery,
+2. structured compression: PFA (``KL`` recipe, ``AbsMax`` units; kept counts rounded to this CPU's ONNX
+   Runtime channel block, ``round_to="auto"``) on 4,000 training images, surgery,
    fine-tune 2 epochs (Adam, lr 1e-3 cosine) on the 60,000 training images; as the PFA paper iterates,
    a second KL pass on the fine-tuned model when the first gives under 3x fewer MACs;
 3. learned exits on the compressed model after its first two stages (``conv_pool_linear`` heads),
@@ -45,22 +46,29 @@ POINTS = ["6", "13"]  # vgg_bn's max-pools: after stage 1 (32 x 14 x 14) and sta
 
 SETTINGS = {
     False: dict(n_introspect=4000, n_finetune=None, finetune_epochs=2, head_epochs=2, n_heads=None, iterate=True,
-                b256_batches=6, b1_images=200, repeats=5),
+                b256_batches=6, b1_images=200, repeats=5, round_to="auto"),
     True: dict(n_introspect=1000, n_finetune=3000, finetune_epochs=1, head_epochs=1, n_heads=3000, iterate=False,
-               b256_batches=3, b1_images=50, repeats=3),
+               b256_batches=3, b1_images=50, repeats=3, round_to="auto"),
 }
+# round_to "auto": every kept count rounded to this CPU's ONNX Runtime channel block (8 on AVX2, 16 on
+# AVX-512): vgg_bn at 0.55 of its widths ran 93.5 ms with PFA-like odd widths and 39.4 ms rounded to 16
+# (original 140.4 ms; AVX-512, 1 thread, batch 256, 2026-12-02; see moco.profile.hardware)
 
 
 def _tag(cfg: dict, seed: int, quick: bool) -> str:
+    from moco.compress.pfa import check_round_to
+
+    r = check_round_to(cfg["round_to"])
     return (f"compose-fashion-vgg_bn-pfa-kl{'x2' if cfg['iterate'] else ''}-i{cfg['n_introspect']}"
-            f"-ft{cfg['finetune_epochs']}-n{cfg['n_finetune'] or 'all'}-seed{seed}{'-quick' if quick else ''}")
+            f"-ft{cfg['finetune_epochs']}-n{cfg['n_finetune'] or 'all'}{f'-r{r}' if r else ''}-seed{seed}"
+            f"{'-quick' if quick else ''}")
 
 
 def compressed_model(base, x_tr, y_tr, cfg: dict, seed: int, quick: bool, out=print):
     """PFA KL (+ a second pass when under 3x fewer MACs) + surgery + fine-tune of ``base``; cached."""
     from moco.bench.bench_pfa_fashion import block_responses
     from moco.compress.finetune import finetune
-    from moco.compress.pfa import PFA
+    from moco.compress.pfa import PFA, partial_keep
     from moco.compress.surgery import apply, load, save
     from moco.io import cache_dir
     from moco.profile import profile
@@ -81,7 +89,8 @@ def compressed_model(base, x_tr, y_tr, cfg: dict, seed: int, quick: bool, out=pr
         pfa = PFA.introspect(x_intro, model=current, layers=list(responses), pooling="max", batch_size=500,
                              progress=False)
         recipe = pfa.get_recipe(strategy=PFA.Strategy.KL(), unit_strategy=PFA.UnitSelectionStrategy.AbsMax())
-        small = apply(current, PFA.keep(recipe, rename=responses), example_input=x_tr[:1])
+        keep = partial_keep(recipe, pfa, 1.0, PFA.UnitSelectionStrategy.AbsMax(), round_to=cfg["round_to"])
+        small = apply(current, {responses[name]: idx for name, idx in keep.items()}, example_input=x_tr[:1])
         t0 = time.perf_counter()
         finetune(small, (x_tr[ft], y_tr[ft]), epochs=cfg["finetune_epochs"], lr=1e-3, optimizer="adam",
                  batch_size=128, schedule="cosine", seed=seed + passes, progress=False)

@@ -29,8 +29,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from moco.errors import MocoError
+from moco.profile.hardware import cpu_name
 
-__all__ = ["Comparison", "Timing", "compare"]
+__all__ = ["SETTLE_S", "Comparison", "Timing", "compare"]
+
+#: seconds :func:`compare` sleeps before each timed run by default (idle worker threads; see there)
+SETTLE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,8 @@ class Comparison:
     (``torch.get_num_threads()`` / ``torch.get_num_interop_threads()`` during the measurement),
     ``torch_version``, ``platform``, ``cpu`` (processor model name), ``cpu_count`` (logical cores),
     ``repeats`` (timed runs per variant), ``warmup`` (untimed runs per variant), ``n_batches``,
-    ``batch_size`` (size of the first batch), ``batch_sizes`` (the distinct batch sizes, sorted) and
-    ``n_samples`` (samples in one run).
+    ``batch_size`` (size of the first batch), ``batch_sizes`` (the distinct batch sizes, sorted),
+    ``n_samples`` (samples in one run) and ``settle_s`` (seconds slept before each timed run).
     """
 
     rows: tuple[Timing, ...]
@@ -87,6 +91,7 @@ class Comparison:
     batch_size: int
     batch_sizes: tuple[int, ...]
     n_samples: int
+    settle_s: float = 0.0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -146,6 +151,7 @@ class Comparison:
             "batch_size": self.batch_size,
             "batch_sizes": list(self.batch_sizes),
             "n_samples": self.n_samples,
+            "settle_s": self.settle_s,
         }
 
     def to_dataframe(self):
@@ -194,23 +200,12 @@ class Comparison:
             *(line(r) for r in body),
             f"* baseline ({self.baseline}); ratio = median / baseline median; fastest: {self.fastest}",
             f"one run = {self.n_batches} batch(es) of {sizes} ({self.n_samples:,} samples); "
-            f"{self.warmup} warm-up + {self.repeats} timed runs per variant, interleaved round-robin",
+            f"{self.warmup} warm-up + {self.repeats} timed runs per variant, interleaved round-robin"
+            + (f", {self.settle_s:g} s settle before each" if self.settle_s else ""),
             f"torch {self.torch_version}, {self.threads} thread(s) (interop {self.interop_threads}), "
             f"{self.cpu} ({self.cpu_count} logical cores), {self.platform}",
         ]
         return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo on Linux), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for text in fh:
-                if text.lower().startswith("model name"):
-                    return text.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def _as_batches(inputs: Any) -> list[torch.Tensor]:
@@ -258,6 +253,7 @@ def compare(
     warmup: int = 2,
     repeats: int = 7,
     progress: bool = False,
+    settle: float = SETTLE_S,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Comparison:
     """Time every variant on the same inputs, interleaved and round-robin, and compare to a baseline.
@@ -271,7 +267,14 @@ def compare(
     each new batch shape there). Then come ``repeats`` rounds; round ``r`` runs every variant once,
     starting with variant ``r mod len(variants)`` (the order rotates), timing each run with ``clock``
     (seconds; ``time.perf_counter`` unless injected for tests) under ``torch.inference_mode()`` with
-    the garbage collector paused. ``progress=True`` shows a progress bar on stderr.
+    the garbage collector paused. Before each timed run the harness sleeps ``settle`` seconds
+    (:data:`SETTLE_S`), so that the worker threads of the variant that ran before have gone idle:
+    ONNX Runtime's intra-op pool spin-waits after a run (its default, which is what makes it fast at
+    batch 1) and, interleaved, those spinning threads take the cores from the next variant. Measured
+    2026-12-02 (AVX-512 EPYC, 2 threads): fashion_cnn in ORT at batch 1000 took 32.4 ms alone and 56.6 ms
+    interleaved with two other ORT sessions; at batch 1 (300 images) 22.8 ms alone and 68.4 ms
+    interleaved; a 0.1 s settle gave back the times alone (33.3 and 22.5 ms), 0.02 s did not.
+    ``progress=True`` shows a progress bar on stderr.
 
     Returns a :class:`Comparison` (median/min/max/all seconds per variant, ratio to the baseline's
     median, threads, torch version, CPU, batch sizes). Raises MocoError for empty variants or inputs,
@@ -287,6 +290,8 @@ def compare(
         raise MocoError(f"repeats must be an int >= 1 (timed runs per variant), got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise MocoError(f"warmup must be an int >= 0 (untimed runs per variant), got {warmup!r}")
+    if isinstance(settle, bool) or not isinstance(settle, (int, float)) or not 0 <= settle <= 60:
+        raise MocoError(f"settle must be seconds in [0, 60] slept before each timed run, got {settle!r}")
     batches = _as_batches(inputs)
 
     from tqdm.auto import tqdm
@@ -307,6 +312,8 @@ def compare(
                 start = r % len(names)
                 for name in names[start:] + names[:start]:
                     fn = fns[name]
+                    if settle:
+                        time.sleep(settle)
                     t0 = clock()
                     _run(fn, batches)
                     t1 = clock()
@@ -334,7 +341,7 @@ def compare(
         interop_threads=torch.get_num_interop_threads(),
         torch_version=torch.__version__,
         platform=platform.platform(),
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         cpu_count=os.cpu_count() or 1,
         repeats=repeats,
         warmup=warmup,
@@ -342,4 +349,5 @@ def compare(
         batch_size=sizes[0],
         batch_sizes=tuple(sorted(set(sizes))),
         n_samples=sum(sizes),
+        settle_s=float(settle),
     )

@@ -590,7 +590,9 @@ class IterativePruner:
     Parameters: ``layers`` (Conv2d/Linear names, in pruning order), ``drop_threshold`` (a fraction of
     accuracy, 0.01 = 1 point), ``step``, ``min_units`` (per layer), ``retrain_samples`` (None: all),
     ``retrain_epochs``, ``lr``, ``optimizer`` (``"adam"``/``"sgd"``), ``batch_size``, ``seed``,
-    ``example_input`` (one input batch; switches to surgery per step), ``max_steps``, ``progress``.
+    ``example_input`` (one input batch; switches to surgery per step), ``max_steps``, ``round_to``
+    (None, an int, or ``"auto"``: every step leaves a multiple of it, raising ``n`` as needed, so the
+    kept widths suit ONNX Runtime's channel blocks: :func:`moco.compress.pfa.partial_keep`), ``progress``.
 
     After :meth:`fit`: ``keep_`` (``{layer: kept indices}`` for ``surgery.apply``), ``model_`` (the
     zero-masked, retrained copy at the original size, in eval mode; the caller's model is never
@@ -615,6 +617,7 @@ class IterativePruner:
         seed: int = 0,
         example_input: torch.Tensor | None = None,
         max_steps: int = 500,
+        round_to: int | str | None = None,
         progress: bool = True,
     ):
         self.layers = layers
@@ -629,6 +632,7 @@ class IterativePruner:
         self.seed = seed
         self.example_input = example_input
         self.max_steps = max_steps
+        self.round_to = round_to
         self.progress = progress
 
     def _check_params(self) -> None:
@@ -648,11 +652,24 @@ class IterativePruner:
             raise MocoError(f"lr must be > 0, got {self.lr!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise MocoError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        from moco.compress.pfa.loop import check_round_to
+
+        self._round = check_round_to(self.round_to)
 
     def _n_for(self, live: int) -> int:
         if isinstance(self.step, int):
             return self.step
         return max(1, int(round(self.step * live)))
+
+    def _rounded_n(self, live: int, n: int) -> int:
+        """``n`` units to remove from ``live``, raised so that the units left are a multiple of ``round_to``
+        (at least one multiple and ``min_units``); 0 when no such step exists (the layer is done)."""
+        r = self._round
+        if not r:
+            return n
+        floor = -(-self.min_units // r) * r
+        left = max(floor, (live - n) // r * r)
+        return max(0, live - left)
 
     def fit(self, model: nn.Module, train_data: Any, val_data: Any) -> "IterativePruner":
         """Prune a copy of ``model``; ``train_data`` for retraining, ``val_data`` (a split of the training
@@ -691,7 +708,9 @@ class IterativePruner:
             cap = self._n_for(len(live[g]))
             while len(live[g]) > self.min_units and steps < self.max_steps:
                 t0 = time.perf_counter()
-                n = min(cap, self._n_for(len(live[g])), len(live[g]) - self.min_units)
+                n = self._rounded_n(len(live[g]), min(cap, self._n_for(len(live[g])), len(live[g]) - self.min_units))
+                if n == 0:
+                    break
                 scores = _group_scores(l1_importance(work, list(g)), g)
                 alive = np.asarray(live[g])
                 if physical:  # the work model holds only the live units: rank them by their local index
@@ -737,7 +756,7 @@ class IterativePruner:
                 if accepted:
                     current = acc_retrained
                 else:
-                    if n == 1:
+                    if n <= self._rounded_n(before, 1):  # the smallest step was rolled back
                         break
                     cap = max(1, n // 2)
         bar.close()

@@ -482,37 +482,64 @@ def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dic
 # ----------------------------------------------------------------------------------------- tuning
 
 
-def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 5,
-          max_batch: int = 64) -> None:
-    """Set ``item["session"]`` of each graph to the fastest of :data:`SESSION_CONFIGS` on its example input.
+def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 3,
+          max_batch: int = 64, micro_samples: int = 512, budget_s: float = 0.05) -> None:
+    """Set ``item["session"]`` of each graph to the fastest of :data:`SESSION_CONFIGS`, then its
+    ``micro_batch`` to the fastest of :data:`MICRO_BATCHES`, timed on its example input.
 
-    At most ``max_batch`` samples of the example are timed (what decides is the graph's channel counts,
-    not the batch size). The candidates run interleaved (round-robin, ``repeats`` rounds after one warm-up) and the median
-    decides; onnxruntime's default (``"all"``) is kept unless another is at least 5% faster, so noise
-    does not flip the choice. The measured medians (seconds) are recorded beside the choice.
+    The example is tiled to ``micro_samples`` samples (a throughput batch: the settings that win at 64
+    samples can lose at 1,000, e.g. fashion_cnn chose ``"extended"`` at 64 samples, 2 threads, and ran
+    1.5x slower with it at 1,024). When one call on that batch takes longer than ``budget_s`` seconds
+    (a compute-bound graph, where neither choice moves much; the export stays quick) the settings are timed on at most ``max_batch``
+    samples instead and no micro-batch is tried. onnxruntime's default (``"all"``, whole batch) is kept
+    unless another is at least 5% faster, so noise does not flip the choice. Each candidate is timed in a
+    block of its own after one warm-up run (then at least ``repeats`` runs and 0.05 s; median):
+    interleaving different sessions call by call lets the spin-waiting threads of one slow down the next
+    (see :func:`moco.bench.harness.compare`). The measured medians (seconds) are recorded beside the choices.
     """
-    from moco.deploy.runtime import _Graph
+    from moco.deploy.runtime import MICRO_BATCHES, _Graph
+
+    def block(fn, x) -> float:
+        fn(x)
+        times: list[float] = []
+        while len(times) < repeats or sum(times) < 0.05:  # sub-millisecond runs need many to be stable
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def graph(config: dict) -> "_Graph":
+        return _Graph(work / item["file"], threads, config["optimization"], config["disabled_optimizers"])
 
     for item, x in zip(items, inputs):
-        x = np.ascontiguousarray(x[:max_batch])
-        graphs = {name: _Graph(work / item["file"], threads, c["optimization"], c["disabled_optimizers"])
-                  for name, c in SESSION_CONFIGS.items()}
-        times: dict[str, list[float]] = {name: [] for name in graphs}
-        for g in graphs.values():
-            g(x)
-        for r in range(repeats):
-            names = list(graphs)
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                graphs[name](x)
-                times[name].append(time.perf_counter() - t0)
-        medians = {name: float(np.median(t)) for name, t in times.items()}
+        big = np.ascontiguousarray(np.resize(x, (micro_samples, *x.shape[1:])))  # the example repeated
+        probe = graph(SESSION_CONFIGS["all"])
+        probe(big[:max_batch])
+        t0 = time.perf_counter()
+        probe(big)
+        cheap = time.perf_counter() - t0 <= budget_s
+        del probe
+        timed = big if cheap else np.ascontiguousarray(x[:max_batch])
+        medians = {name: block(graph(c), timed) for name, c in SESSION_CONFIGS.items()}
         best = min(medians, key=medians.get)
         choice = best if medians[best] < 0.95 * medians["all"] else "all"
-        item["session"] = {**SESSION_CONFIGS[choice], "name": choice, "measured_s": medians, "batch": int(len(x))}
+        config = SESSION_CONFIGS[choice]
+        micro, micro_s = None, {}
+        if cheap:
+            chosen = graph(config)
+            for m in MICRO_BATCHES:
+                chosen.micro_batch = m
+                micro_s[str(m)] = medians[choice] if m is None else block(chosen, big)
+            fastest = min(MICRO_BATCHES, key=lambda m: micro_s[str(m)])
+            micro = fastest if micro_s[str(fastest)] < 0.95 * micro_s["None"] else None
+        item["session"] = {**config, "name": choice, "measured_s": medians, "batch": int(len(timed)),
+                           "micro_batch": micro, "micro_batch_measured_s": micro_s}
 
 
-# ----------------------------------------------------------------------------------------- export
+def _session_name(session: dict) -> str:
+    """``"all"``, ``"all-no-nchwc, micro-batch 256"``, ...: the tuned settings of one graph in words."""
+    name = session.get("name", "all")
+    return name + (f", micro-batch {session['micro_batch']}" if session.get("micro_batch") else "")
 
 
 def _check_tolerance(tolerance: Any) -> float:
@@ -622,7 +649,7 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         graphs = {p: {i["file"]: (work / i["file"]).stat().st_size for i in items}
                   for p, items in manifest["graphs"].items()}
         precision = "int8" if "int8" in manifest["graphs"] else "fp32"
-        sessions = {p: {i["file"]: i.get("session", {}).get("name", "all") for i in items}
+        sessions = {p: {i["file"]: _session_name(i.get("session", {})) for i in items}
                     for p, items in manifest["graphs"].items()}
         _install(work, path, single, manifest)
     return ExportResult(path=path, kind=kind, precision=precision, graphs=graphs, exporter="; ".join(exporters), fp32=check32,

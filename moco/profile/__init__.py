@@ -52,7 +52,8 @@ Conventions
 """
 
 from moco.profile.formulas import seed003_flops
+from moco.profile.hardware import cpu_flags, cpu_name, nchwc_block_size
 from moco.profile.profiler import profile
 from moco.profile.report import LayerProfile, Profile
 
-__all__ = ["profile", "Profile", "LayerProfile", "seed003_flops"]
+__all__ = ["profile", "Profile", "LayerProfile", "cpu_flags", "cpu_name", "nchwc_block_size", "seed003_flops"]

@@ -39,7 +39,7 @@ STEP_PARAMS: dict[str, dict[str, Any]] = {
     "profile": {"batch": 1, "latency": True, "repeats": 3},
     "prune": {"layers": None, "drop_threshold": 0.01, "step": 0.25, "retrain_samples": 4000, "retrain_epochs": 1,
               "lr": 2e-4, "optimizer": "adam", "batch_size": 128, "max_steps": 40, "finetune_epochs": 1,
-              "finetune_lr": 5e-4, "distill": True},
+              "finetune_lr": 5e-4, "distill": True, "round_to": None},
     "pfa": {"layers": None, "recipe": "kl", "energy_threshold": 0.99, "relative_size": 0.5, "unit_strategy": "l1max",
             "targeted": True, "max_drop": 0.01, "fractions": [0.25, 0.5, 0.75, 1.0], "finetune_epochs": 1,
             "finetune_samples": 10000, "lr": 2e-4, "distill": True, "introspect_samples": 2000, "batch_size": 128,
@@ -160,6 +160,7 @@ def _prune(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
         layers, drop_threshold=float(p["drop_threshold"]), step=p["step"], retrain_samples=p["retrain_samples"],
         retrain_epochs=int(p["retrain_epochs"]), lr=float(p["lr"]), optimizer=p["optimizer"],
         batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example, max_steps=int(p["max_steps"]),
+        round_to="auto" if p["round_to"] is None else p["round_to"],  # as in the pfa step: widths ORT runs fast
         progress=ctx.progress,
     ).fit(model, ctx.fit.tensors(), ctx.holdout.tensors())
     small = pruner.small_
@@ -218,7 +219,10 @@ def _pfa(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
                    max_drop=float(p["max_drop"]) if p["targeted"] else math.inf,
                    finetune_epochs=int(p["finetune_epochs"]), finetune_samples=p["finetune_samples"], lr=float(p["lr"]),
                    distill=bool(p["distill"]), introspect_samples=int(p["introspect_samples"]),
-                   batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example, round_to=p["round_to"],
+                   batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example,
+                   # None: kept counts rounded to this CPU's ONNX Runtime channel block ("auto": 8 on AVX2, 16 on
+                   # AVX-512), since odd widths ran slower than the original there; round_to = 1 keeps PFA's counts
+                   round_to="auto" if p["round_to"] is None else p["round_to"],
                    progress=ctx.progress)
     loop.fit(model, ctx.fit.tensors(), ctx.holdout.tensors())
     small = loop.small_.eval()

@@ -22,13 +22,13 @@ yielding batches, ``recipe.original_output_count`` / ``recommended_output_count`
 
 from moco.compress.pfa.core import PFA, FailedResponses, PFADiagnostics, PFARecipe, PFARecipes
 from moco.compress.pfa.introspect import ModelProducer
-from moco.compress.pfa.loop import PFALoop, PFAStep, leader_recipes, partial_keep, rounded_count
+from moco.compress.pfa.loop import PFALoop, PFAStep, check_round_to, leader_recipes, partial_keep, rounded_count
 from moco.compress.pfa.selection import AbsMax, AbsMin, L1Max, L1Min
 from moco.compress.pfa.show import VisType
 from moco.compress.pfa.stats import LayerStatistics, RunningCovariance
 from moco.compress.pfa.strategies import KL, Energy, Size
 
 __all__ = [
-    "PFA", "PFADiagnostics", "PFARecipe", "PFARecipes", "FailedResponses", "ModelProducer", "PFALoop", "PFAStep", "leader_recipes", "partial_keep", "rounded_count", "LayerStatistics", "RunningCovariance", "VisType",
+    "PFA", "PFADiagnostics", "PFARecipe", "PFARecipes", "FailedResponses", "ModelProducer", "PFALoop", "PFAStep", "check_round_to", "leader_recipes", "partial_keep", "rounded_count", "LayerStatistics", "RunningCovariance", "VisType",
     "Energy", "KL", "Size", "AbsMax", "AbsMin", "L1Max", "L1Min",
 ]

@@ -91,10 +91,16 @@ def leader_recipes(recipes, model: nn.Module, example_input) -> tuple[dict, list
 
 
 def check_round_to(round_to: Any) -> int | None:
-    """``round_to`` checked: None (no rounding) or an int >= 1."""
+    """``round_to`` checked: None (no rounding), an int >= 1, or ``"auto"``: ONNX Runtime's NCHWc
+    channel block on this CPU (:func:`moco.profile.nchwc_block_size`: 16 with AVX-512, else 8)."""
+    if isinstance(round_to, str) and round_to.strip().lower() == "auto":
+        from moco.profile.hardware import nchwc_block_size
+
+        return nchwc_block_size()
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
                                  or round_to < 1):
-        raise MocoError(f"round_to must be None or an int >= 1 (8 suits ONNX Runtime on AVX2 CPUs), got {round_to!r}")
+        raise MocoError(f"round_to must be None, an int >= 1 or 'auto' (ONNX Runtime's channel block on this CPU: "
+                        f"8 on AVX2, 16 on AVX-512), got {round_to!r}")
     return None if round_to is None else int(round_to)
 
 
@@ -106,18 +112,19 @@ def rounded_count(count: int, n: int, round_to: int | None) -> int:
     return min(n, max(round_to, int(round(count / round_to)) * round_to))
 
 
-def partial_keep(recipes, pfa, fraction: float, unit_strategy: Any = None, *, round_to: int | None = None
+def partial_keep(recipes, pfa, fraction: float, unit_strategy: Any = None, *, round_to: int | str | None = None
                  ) -> dict[str, list[int]]:
     """``{layer: sorted kept unit indices}`` for ``fraction`` of each recipe's reduction.
 
     A layer of ``n`` units whose recipe keeps ``k`` keeps ``n - round(fraction * (n - k))`` units
     (``fraction`` 1.0: the recipe's own count; 0.0: every unit), chosen by ``unit_strategy`` (default
     L1Max, DNIKit's default) on the layer's covariance in ``pfa`` (the :class:`PFA` the recipes came
-    from). ``round_to``: round each count to the nearest multiple (:func:`rounded_count`): ONNX Runtime's
-    fast convolution kernels (the NCHWc layout) block channels by 8 on AVX2 (16 on AVX-512); on odd
-    widths it falls back to slower kernels (a MobileNet at 0.72 of its widths, 1.8x fewer MACs, ran
-    1.7x *slower* than the original in ORT at odd widths and 1.44x faster rounded to 8: measured
-    2026-12-02, AVX2, 1 thread, batch 256). The form :func:`moco.compress.surgery.apply` takes.
+    from). ``round_to``: round each count to the nearest multiple (:func:`rounded_count`; ``"auto"``:
+    :func:`moco.profile.nchwc_block_size`, this CPU's block): ONNX Runtime's fast convolution kernels
+    (the NCHWc layout) block channels by 8 on AVX2 (16 on AVX-512); on odd widths it falls back to
+    slower kernels (a MobileNet at 0.72 of its widths, 1.8x fewer MACs, ran 1.7x *slower* than the
+    original in ORT at odd widths and 1.44x faster rounded to 8: measured 2026-12-02, AVX2, 1 thread,
+    batch 256; on AVX-512 see :mod:`moco.profile.hardware`). The form :func:`moco.compress.surgery.apply` takes.
     """
     from moco.compress.pfa.core import PFA
 
@@ -157,7 +164,8 @@ class PFALoop:
     ``"loss"``), ``finetune_epochs``, ``finetune_samples`` (None: all), ``lr``, ``schedule``
     (``"cosine"`` or ``"constant"``), ``distill`` (fine-tune with the original model as teacher),
     ``batch_size``, ``seed``, ``example_input`` (one input batch; default the first training sample),
-    ``round_to`` (round every kept count to a multiple, e.g. 8 for ONNX Runtime: :func:`partial_keep`),
+    ``round_to`` (round every kept count to a multiple, e.g. 8, or ``"auto"`` for this CPU's ONNX Runtime
+    block: :func:`partial_keep`),
     ``progress``.
 
     After :meth:`fit`: ``small_`` (the last accepted model, fine-tuned, eval mode), ``keep_`` (its
@@ -171,7 +179,7 @@ class PFALoop:
                  metric: str = "accuracy", finetune_epochs: int = 1, finetune_samples: int | None = 10_000,
                  lr: float = 1e-3, schedule: str = "cosine", distill: bool = False, batch_size: int = 128,
                  introspect_samples: int = 2000, seed: int = 0, example_input: torch.Tensor | None = None,
-                 round_to: int | None = None, progress: bool = False):
+                 round_to: int | str | None = None, progress: bool = False):
         self.strategy = strategy
         self.unit_strategy = unit_strategy
         self.layers = layers
