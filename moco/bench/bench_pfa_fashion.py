@@ -17,7 +17,9 @@
    ``relative_size`` whose recipe gives at least 3.3x fewer MACs (found by bisection on MACs alone,
    before any training) -- ``size_<f>``;
 6. full run: if KL alone gives less than 3x fewer MACs, PFA is applied again to the fine-tuned KL
-   model (as the PFA paper iterates) -- ``kl_x2``.
+   model (as the PFA paper iterates) -- ``kl_x2``;
+7. KL with every kept count rounded to this CPU's ONNX Runtime channel block (``round_to="auto"``:
+   8 on AVX2, 16 on AVX-512) -- ``kl_r<block>``, iterated like ``kl`` -- ``kl_r<block>_x2``.
 
 The result's headline keys (``macs_reduction``, ``params_reduction``, ``accuracy_base``,
 ``accuracy_pruned``, ``ratio_vs_eager``) are those of the recipe with the most MACs reduction among
@@ -54,9 +56,14 @@ SIZE_MARGIN = 1.1  # the Size recipe aims at 10% more MACs reduction than the ta
 BATCH_SIZE = 1000
 
 SETTINGS = {
-    False: dict(n_introspect=4000, n_finetune=None, finetune_epochs=2, timing_samples=2000, repeats=5, iterate=True),
-    True: dict(n_introspect=1000, n_finetune=3_000, finetune_epochs=1, timing_samples=500, repeats=3, iterate=False),
+    False: dict(n_introspect=4000, n_finetune=None, finetune_epochs=2, timing_samples=2000, repeats=5, iterate=True,
+                round_to="auto"),
+    True: dict(n_introspect=1000, n_finetune=3_000, finetune_epochs=1, timing_samples=500, repeats=3, iterate=False,
+               round_to="auto"),
 }
+# round_to: the KL recipe is also run with every kept count rounded to this CPU's ONNX Runtime channel block
+# (``kl_r<block>``, and ``kl_r<block>_x2`` when iterating): odd widths fall off ORT's fast kernels
+# (moco.profile.hardware); None skips those rows
 
 
 def block_responses(model: nn.Module) -> dict[str, str]:
@@ -262,6 +269,27 @@ def bench_pfa_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Path 
         out(PFA.show(kl2, include_columns=cols).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         keep2 = PFA.keep(kl2, rename=block_responses(first))
         smalls["kl_x2"], rows["kl_x2"] = _run_recipe("kl_x2", base, first, keep2, data, cfg, seed, out, out_dir)
+
+    if cfg["round_to"]:
+        from moco.compress.pfa import check_round_to, partial_keep
+
+        block = check_round_to(cfg["round_to"])
+        name = f"kl_r{block}"
+        keep = partial_keep(recipe_sets["kl"], pfa, 1.0, PFA.UnitSelectionStrategy.AbsMax(), round_to=block)
+        out(f"\nKL with kept counts rounded to multiples of {block} (this CPU's ONNX Runtime channel block): "
+            f"{ {responses[k]: len(v) for k, v in keep.items()} }")
+        smalls[name], rows[name] = _run_recipe(name, base, base, {responses[k]: v for k, v in keep.items()}, data,
+                                               cfg, seed, out, out_dir)
+        if cfg["iterate"] and rows[name]["macs_reduction"] < TARGET_MACS:
+            first = smalls[name]
+            first_responses = block_responses(first)
+            again = PFA.introspect(x_intro, model=first, layers=list(first_responses), pooling="max",
+                                   batch_size=500, progress=False)
+            kl2 = again.get_recipe(strategy=PFA.Strategy.KL(), unit_strategy=PFA.UnitSelectionStrategy.AbsMax())
+            keep2 = partial_keep(kl2, again, 1.0, PFA.UnitSelectionStrategy.AbsMax(), round_to=block)
+            smalls[name + "_x2"], rows[name + "_x2"] = _run_recipe(
+                name + "_x2", base, first, {first_responses[k]: v for k, v in keep2.items()}, data, cfg, seed, out,
+                out_dir)
 
     meeting = {k: r for k, r in rows.items() if r["accuracy_drop_points"] <= TARGET_DROP_POINTS}
     if meeting:
