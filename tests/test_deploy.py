@@ -261,3 +261,23 @@ print("ok without torch")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok without torch" in proc.stdout
+
+
+def test_fused_exits_graph_equals_the_segments(exits_net, x, tmp_path):
+    """The one-graph exits (one session) gives the segments' logits and exits, for edited thresholds too."""
+    export(exits_net, tmp_path / "e", x[:8], tune=False)
+    doc = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert doc["fused"]["fp32"]["file"] == "exits.onnx" and (tmp_path / "e" / "exits.onnx").is_file()
+    fused = load(tmp_path / "e")
+    assert fused.fused is not None
+    segments = load(tmp_path / "e")
+    segments.fused = None
+    for thresholds in (fused.thresholds, [None, None], [fused.thresholds[0], None], [1e-6, 1e6], [1e6, 1e-6]):
+        fused.thresholds = segments.thresholds = thresholds
+        (l1, e1), (l2, e2) = fused(x), segments(x)
+        assert (e1 == e2).all()
+        np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-5)
+    assert fused(x[:1])[0].shape == (1, 10) and fused(x[:0])[0].shape == (0, 10)
+    (tmp_path / "e" / "exits.onnx").unlink()
+    with pytest.raises(MocoError, match="exits.onnx.*missing"):
+        load(tmp_path / "e")

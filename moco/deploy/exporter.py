@@ -614,6 +614,9 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         tune_inputs = _graph_inputs(fp32, kind, example.numpy(), batch=len(example))
         if tune:
             _tune(work, files, [g[0] for g in tune_inputs], intra_op_num_threads)
+        if kind == "exits":
+            _add_fused(work, manifest, "fp32", net)
+        if tune or kind == "exits":
             write_json_atomic(work / MANIFEST, manifest)
             fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
         got32 = _run(fp32, kind, xs)
@@ -631,6 +634,8 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
             if tune:
                 _tune(work, items8, [g[0] for g in tune_inputs], intra_op_num_threads)
             manifest["graphs"]["int8"] = items8
+            if kind == "exits":
+                _add_fused(work, manifest, "int8", net)
             write_json_atomic(work / MANIFEST, manifest)
             rt8 = load(work, precision="int8", intra_op_num_threads=intra_op_num_threads)
             got8 = _run(rt8, kind, xs)
@@ -678,6 +683,25 @@ def _manifest(net, kind: str, example: torch.Tensor, graphs: dict) -> dict[str, 
     return doc
 
 
+def _add_fused(work: Path, manifest: dict, precision: str, net) -> None:
+    """Fuse the exits network's segment graphs of ``precision`` into one (:mod:`moco.deploy.fuse`) and
+    record it in ``manifest["fused"]``; its session settings are the first segment's (the bulk of the work)."""
+    from moco.deploy.fuse import fuse_exits
+
+    items = manifest["graphs"][precision]
+    name = "exits.onnx" if precision == "fp32" else f"exits.{precision}.onnx"
+    try:
+        fuse_exits([work / i["file"] for i in items], work / name,
+                   higher_is_confident=bool(net.criterion.higher_is_confident), num_classes=int(manifest["num_classes"]))
+    except Exception as exc:  # noqa: BLE001 - onnx raises its own types; the segments still run
+        manifest.setdefault("notes", []).append(f"no fused {precision} graph ({type(exc).__name__}: {exc}); "
+                                                "the segment graphs run one after the other")
+        return
+    session = {k: v for k, v in (items[0].get("session") or {}).items() if k != "micro_batch"}
+    manifest.setdefault("fused", {})[precision] = {"file": name, "sha256": file_sha256(work / name),
+                                                  **({"session": session} if session else {})}
+
+
 def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
     """Move the checked artifact from the work folder to ``path`` (file replaced atomically; folder: graphs then manifest)."""
     if single:
@@ -691,7 +715,8 @@ def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         model = onnx.load(str(work / item["file"]))
         if item.get("session"):
-            session = {k: item["session"][k] for k in ("optimization", "disabled_optimizers")}
+            session = {k: item["session"][k] for k in ("optimization", "disabled_optimizers", "micro_batch")
+                       if k in item["session"]}
             model.metadata_props.add(key="moco.session", value=json.dumps(session))
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
@@ -700,7 +725,7 @@ def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
         raise MocoError(f"{path} exists and is not a folder; pass a folder path (or *.onnx for a plain model)")
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)  # a reader never sees a manifest naming half-copied graphs
-    for items in manifest["graphs"].values():
+    for items in [*manifest["graphs"].values(), list((manifest.get("fused") or {}).values())]:
         for item in items:
             tmp = path / f".{item['file']}.tmp"
             shutil.copyfile(work / item["file"], tmp)

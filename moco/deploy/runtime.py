@@ -154,6 +154,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             _require(isinstance(item, dict) and isinstance(item.get("file"), str) and isinstance(item.get("sha256"), str),
                      path, f"every graph entry needs 'file' and 'sha256' strings, got {item!r}")
             _require(Path(item["file"]).name == item["file"], path, f"graph file {item['file']!r} must be a plain name")
+    fused = doc.get("fused")
+    if fused is not None:
+        _require(kind == "exits" and isinstance(fused, dict) and set(fused) <= set(graphs), path,
+                 "fused must map a precision of graphs to the fused exits graph (exits only)")
+        for item in fused.values():
+            _require(isinstance(item, dict) and isinstance(item.get("file"), str) and isinstance(item.get("sha256"), str)
+                     and Path(item["file"]).name == item["file"], path,
+                     f"a fused graph entry needs 'file' (a plain name) and 'sha256' strings, got {item!r}")
     if kind == "branched":
         _require(doc.get("output") in ("onehot", "classes"), path, "output must be 'onehot' or 'classes'")
     if kind == "exits":
@@ -193,11 +201,13 @@ class _Graph:
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, x: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """The outputs on batch ``x``; ``extra``: further inputs, the same for every micro-batch."""
+        extra = extra or {}
         m = self.micro_batch
         if not m or len(x) <= m:
-            return self.session.run(None, {self.input: x})
-        parts = [self.session.run(None, {self.input: x[i:i + m]}) for i in range(0, len(x), m)]
+            return self.session.run(None, {self.input: x, **extra})
+        parts = [self.session.run(None, {self.input: x[i:i + m], **extra}) for i in range(0, len(x), m)]
         return [np.concatenate(outs) for outs in zip(*parts)]
 
 
@@ -285,8 +295,9 @@ class ExitsRuntime(_Runtime):
 
     kind = "exits"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused: "_Graph | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.fused = fused  # the one-graph form (moco.deploy.fuse), run when present
         self.higher_is_confident = bool(self.manifest["criterion"]["higher_is_confident"])
         self._has_head = [len(g.outputs) == 3 for g in self.graphs[:-1]]
         self.thresholds = self.manifest["thresholds"]
@@ -320,6 +331,15 @@ class ExitsRuntime(_Runtime):
         exit_index = np.full(b, last, dtype=np.int64)
         if b == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32), exit_index
+        if self.fused is not None:
+            never = np.inf if self.higher_is_confident else -np.inf  # a disabled exit: no score reaches it
+            t = np.array([never if v is None else v for v in self._thresholds] or [never], dtype=np.float32)
+            logits, exit_index = self.fused(h, {"thresholds": t})
+            return logits, exit_index
+        return self._segments(h, b, last, exit_index)
+
+    def _segments(self, h: np.ndarray, b: int, last: int, exit_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The multi-graph path: one session per segment, gather/scatter in numpy."""
         out = None
         idx = None  # original rows of the samples still active; None = all, in order
         for i, graph in enumerate(self.graphs):
@@ -411,12 +431,16 @@ def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads
     if precision not in available:
         raise MocoError(f"{path} has no {precision!r} graphs (it has: {', '.join(available)}); "
                         f"export with int8=<calibration inputs> for int8")
-    graphs = []
-    for item in manifest["graphs"][precision]:
+    def graph(item: dict) -> _Graph:
         file = path / item["file"]
         if not file.is_file():
             raise MocoError(f"graph {file} named by {path / MANIFEST} is missing; copy the whole folder or export again")
         if file_sha256(file) != item["sha256"]:
             raise MocoError(f"graph {file} does not match its sha256 in {path / MANIFEST}; it was changed or mixed up")
-        graphs.append(_Graph(file, threads, *_graph_config(item, optimization, path / MANIFEST)))
+        return _Graph(file, threads, *_graph_config(item, optimization, path / MANIFEST))
+
+    graphs = [graph(item) for item in manifest["graphs"][precision]]
+    if manifest["kind"] == "exits":
+        fused = (manifest.get("fused") or {}).get(precision)
+        return ExitsRuntime(graphs, manifest, precision, threads, path, fused=graph(fused) if fused else None)
     return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path)
