@@ -158,6 +158,15 @@ def test_branched_runtime_equals_pytorch(seed_cnn, x, tmp_path, pooling):
     export(classes_net, tmp_path / "c", x[:8])
     c, m3 = load(tmp_path / "c")(x)
     assert c.dtype == np.int64 and (c == pred.argmax(1).numpy()).all() and (m3 == mask.numpy()).all()
+    # the fused graph (head, rule and tail in one session) and the two graphs give the same results
+    for folder in ("b", "c"):
+        fused = load(tmp_path / folder, precision="fp32")
+        assert fused.fused is not None and fused.manifest["fused"]["fp32"]["file"] == "branched.onnx"
+        separate = load(tmp_path / folder, precision="fp32")
+        separate.fused = None
+        (pa, ma), (pb, mb) = fused(x), separate(x)
+        assert pa.dtype == pb.dtype and (ma == mb).all() and np.abs(pa - pb).max() < 1e-5
+        assert fused(x[:1])[0].shape[0] == 1 and fused(x[:0])[0].shape[0] == 0
 
 
 def test_exits_runtime_equals_pytorch_and_int8_recheck(exits_net, x, y, tmp_path):

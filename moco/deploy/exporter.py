@@ -614,9 +614,9 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         tune_inputs = _graph_inputs(fp32, kind, example.numpy(), batch=len(example))
         if tune:
             _tune(work, files, [g[0] for g in tune_inputs], intra_op_num_threads)
-        if kind == "exits":
+        if kind != "model":
             _add_fused(work, manifest, "fp32", net)
-        if tune or kind == "exits":
+        if tune or kind != "model":
             write_json_atomic(work / MANIFEST, manifest)
             fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
         got32 = _run(fp32, kind, xs)
@@ -634,7 +634,7 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
             if tune:
                 _tune(work, items8, [g[0] for g in tune_inputs], intra_op_num_threads)
             manifest["graphs"]["int8"] = items8
-            if kind == "exits":
+            if kind != "model":
                 _add_fused(work, manifest, "int8", net)
             write_json_atomic(work / MANIFEST, manifest)
             rt8 = load(work, precision="int8", intra_op_num_threads=intra_op_num_threads)
@@ -684,18 +684,24 @@ def _manifest(net, kind: str, example: torch.Tensor, graphs: dict) -> dict[str, 
 
 
 def _add_fused(work: Path, manifest: dict, precision: str, net) -> None:
-    """Fuse the exits network's segment graphs of ``precision`` into one (:mod:`moco.deploy.fuse`) and
-    record it in ``manifest["fused"]``; its session settings are the first segment's (the bulk of the work)."""
-    from moco.deploy.fuse import fuse_exits
+    """Fuse the graphs of ``precision`` of an exits or branched network into one (:mod:`moco.deploy.fuse`)
+    and record it in ``manifest["fused"]``; its session settings are the first graph's (the bulk of the work)."""
+    from moco.deploy.fuse import fuse_branched, fuse_exits
 
     items = manifest["graphs"][precision]
-    name = "exits.onnx" if precision == "fp32" else f"exits.{precision}.onnx"
+    stem = "exits" if manifest["kind"] == "exits" else "branched"
+    name = f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
     try:
-        fuse_exits([work / i["file"] for i in items], work / name,
-                   higher_is_confident=bool(net.criterion.higher_is_confident), num_classes=int(manifest["num_classes"]))
-    except Exception as exc:  # noqa: BLE001 - onnx raises its own types; the segments still run
+        if manifest["kind"] == "exits":
+            fuse_exits([work / i["file"] for i in items], work / name,
+                       higher_is_confident=bool(net.criterion.higher_is_confident),
+                       num_classes=int(manifest["num_classes"]))
+        else:
+            fuse_branched(work / items[0]["file"], work / items[1]["file"], work / name, output=manifest["output"],
+                          num_classes=int(manifest["num_classes"]))
+    except Exception as exc:  # noqa: BLE001 - onnx raises its own types; the separate graphs still run
         manifest.setdefault("notes", []).append(f"no fused {precision} graph ({type(exc).__name__}: {exc}); "
-                                                "the segment graphs run one after the other")
+                                                "the graphs run one after the other")
         return
     session = {k: v for k, v in (items[0].get("session") or {}).items() if k != "micro_batch"}
     manifest.setdefault("fused", {})[precision] = {"file": name, "sha256": file_sha256(work / name),

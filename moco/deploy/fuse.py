@@ -1,4 +1,6 @@
-"""An early-exit network's segment graphs fused into one ONNX graph that exits inside ONNX Runtime.
+"""Multi-graph results fused into one ONNX graph that makes the exit decisions inside ONNX Runtime:
+an early-exit network's segments (:func:`fuse_exits`) and a branched network's head and tail
+(:func:`fuse_branched`).
 
 Why: each segment graph is its own ONNX Runtime session with its own intra-op thread pool, and a pool
 spin-waits after its run (onnxruntime's default). Run back to back, the next segment competes with the
@@ -21,11 +23,47 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["fuse_exits"]
+__all__ = ["fuse_branched", "fuse_exits"]
 
 
 def _opset(model) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _guarded(graph, rows: str, tag: str) -> tuple[list, dict[str, str]]:
+    """Nodes that run ``graph``'s nodes only when the gathered batch ``rows`` (int64 ``[n]``) is not
+    empty (an ONNX ``If``); else its outputs are empty tensors of the same per-sample shape. Kernels
+    such as ``Reshape(0, -1)`` cannot run on an empty batch, which the multi-graph runtime never
+    passes them. Returns ``(nodes, {output name: guarded output name})``; MocoError when an output's
+    per-sample shape is not static (nothing to build the empty tensor from)."""
+    from onnx import helper, numpy_helper
+
+    from moco.errors import MocoError
+
+    outputs = list(graph.output)
+    then_out, else_nodes, else_out, renamed = [], [], [], {}
+    then_nodes = list(graph.node)
+    for o in outputs:
+        dims = o.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims[1:]):
+            raise MocoError(f"output {o.name} has no static per-sample shape")
+        elem = o.type.tensor_type.elem_type
+        then_nodes.append(helper.make_node("Identity", [o.name], [o.name + "@then"], name=o.name + "@then"))
+        then_out.append(helper.make_tensor_value_info(o.name + "@then", elem, None))
+        empty = np.zeros([0, *[d.dim_value for d in dims[1:]]], dtype=helper.tensor_dtype_to_np_dtype(elem))
+        else_nodes.append(helper.make_node("Constant", [], [o.name + "@else"], name=o.name + "@else",
+                                           value=numpy_helper.from_array(empty)))
+        else_out.append(helper.make_tensor_value_info(o.name + "@else", elem, None))
+        renamed[o.name] = o.name + "@g"
+    n = helper.make_node("Size", [rows], [f"fuse/{tag}/n"], name=f"fuse/{tag}/n")
+    zero = helper.make_node("Constant", [], [f"fuse/{tag}/zero"], name=f"fuse/{tag}/zero",
+                            value=numpy_helper.from_array(np.array(0, dtype=np.int64)))
+    cond = helper.make_node("Greater", [f"fuse/{tag}/n", f"fuse/{tag}/zero"], [f"fuse/{tag}/any"],
+                            name=f"fuse/{tag}/any")
+    node = helper.make_node("If", [f"fuse/{tag}/any"], list(renamed.values()), name=f"fuse/{tag}/if",
+                            then_branch=helper.make_graph(then_nodes, f"{tag}_then", [], then_out),
+                            else_branch=helper.make_graph(else_nodes, f"{tag}_else", [], else_out))
+    return [n, zero, cond, node], renamed
 
 
 def fuse_exits(paths: Sequence[Path], out: Path, *, higher_is_confident: bool, num_classes: int) -> Path:
@@ -70,9 +108,14 @@ def fuse_exits(paths: Sequence[Path], out: Path, *, higher_is_confident: bool, n
         g = prefixed.graph
         if g.input[0].name != current:
             node("Identity", [current], g.input[0].name)
-        nodes.extend(g.node)
         inits.extend(g.initializer)
         names = [o.name for o in g.output]
+        if i == 0:
+            nodes.extend(g.node)
+        else:  # a later segment runs on the samples still active: maybe none
+            guard, renamed = _guarded(g, rows, f"s{i}")
+            nodes.extend(guard)
+            names = [renamed[name] for name in names]
         if len(names) == 1 and i < last:  # an exit exported disabled: every sample goes on
             current = names[0]
             continue
@@ -103,6 +146,66 @@ def fuse_exits(paths: Sequence[Path], out: Path, *, higher_is_confident: bool, n
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes]),
          helper.make_tensor_value_info("exit_index", TensorProto.INT64, ["batch"])],
         initializer=inits)
+    return _save(models, graph, opset, out)
+
+
+def fuse_branched(head: Path, tail: Path, out: Path, *, output: str, num_classes: int) -> Path:
+    """Write the one-graph form of a branched network (``head``: ``x -> hidden, mask, classes``;
+    ``tail``: ``hidden -> logits``) to ``out``: outputs ``predictions`` (int64 classes for
+    ``output="classes"``, else float32 ``[B, C]``: one-hot where the rule decided, the tail's logits
+    elsewhere) and ``mask`` (bool ``[B]``, True where the rule decided). The tail runs on the
+    undecided samples only. Returns ``out``."""
+    import onnx
+    from onnx import TensorProto, compose, helper, numpy_helper, version_converter
+
+    models = [onnx.load(str(p)) for p in (head, tail)]
+    opset = max(max(_opset(m) for m in models), 13)
+    models = [m if _opset(m) == opset else version_converter.convert_version(m, opset) for m in models]
+    h, t = (compose.add_prefix(m, f"{k}/").graph for m, k in zip(models, ("h", "t")))
+    nodes = [helper.make_node("Identity", ["input"], [h.input[0].name], name="fuse/input"), *h.node]
+    inits = [*h.initializer, *t.initializer]
+
+    def const(name: str, value) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    hidden, mask, classes = (o.name for o in h.output)
+    mask_b = node("Cast", [mask], "fuse/mask", to=TensorProto.BOOL)
+    cls = node("Cast", [classes], "fuse/classes", to=TensorProto.INT64)
+    keep = node("Squeeze", [node("NonZero", [node("Not", [mask_b], "fuse/stays")], "fuse/nz"),
+                            const("fuse/axis0", np.array([0], dtype=np.int64))], "fuse/keep")
+    node("Gather", [hidden, keep], t.input[0].name, axis=0)
+    guard, renamed = _guarded(t, keep, "tail")  # the tail runs on the undecided samples: maybe none
+    nodes.extend(guard)
+    idx = node("Unsqueeze", [keep, const("fuse/axis1", np.array([1], dtype=np.int64))], "fuse/idx")
+    rest = renamed[t.output[0].name]
+    if output == "classes":
+        pred = node("ScatterND", [cls, idx, node("ArgMax", [rest], "fuse/argmax", axis=1, keepdims=0)], "fuse/pred")
+        pred_info = helper.make_tensor_value_info("predictions", TensorProto.INT64, ["batch"])
+    else:
+        onehot = node("OneHot", [cls, const("fuse/depth", np.array(num_classes, dtype=np.int64)),
+                                 const("fuse/onoff", np.array([0.0, 1.0], dtype=np.float32))], "fuse/onehot", axis=-1)
+        pred = node("ScatterND", [onehot, idx, rest], "fuse/pred")
+        pred_info = helper.make_tensor_value_info("predictions", TensorProto.FLOAT, ["batch", num_classes])
+    nodes.append(helper.make_node("Identity", [pred], ["predictions"], name="fuse/out_pred"))
+    nodes.append(helper.make_node("Identity", [mask_b], ["mask"], name="fuse/out_mask"))
+    first = models[0].graph.input[0]
+    graph = helper.make_graph(
+        nodes, "moco_branched_fused",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *[d.dim_value for d in
+                                                                              first.type.tensor_type.shape.dim[1:]]])],
+        [pred_info, helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch"])], initializer=inits)
+    return _save(models, graph, opset, out)
+
+
+def _save(models, graph, opset: int, out: Path) -> Path:
+    import onnx
+    from onnx import helper
+
     domains = {}
     for m in models:
         for o in m.opset_import:

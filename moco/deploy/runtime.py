@@ -156,8 +156,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             _require(Path(item["file"]).name == item["file"], path, f"graph file {item['file']!r} must be a plain name")
     fused = doc.get("fused")
     if fused is not None:
-        _require(kind == "exits" and isinstance(fused, dict) and set(fused) <= set(graphs), path,
-                 "fused must map a precision of graphs to the fused exits graph (exits only)")
+        _require(kind in ("exits", "branched") and isinstance(fused, dict) and set(fused) <= set(graphs), path,
+                 "fused must map a precision of graphs to the fused graph (exits and branched only)")
         for item in fused.values():
             _require(isinstance(item, dict) and isinstance(item.get("file"), str) and isinstance(item.get("sha256"), str)
                      and Path(item["file"]).name == item["file"], path,
@@ -255,13 +255,25 @@ class BranchedRuntime(_Runtime):
     The head graph returns the head activation, the rule's exit mask (bool ``[B]``) and class (int64
     ``[B]``); only the rows where the mask is False run the tail graph. ``predictions`` are float32
     one-hot rows for exited samples and the tail's logits for the others (``output="onehot"``), or
-    int64 classes (``output="classes"``).
+    int64 classes (``output="classes"``). When the folder has the fused graph (:mod:`moco.deploy.fuse`:
+    head, decision and tail in one session) it runs that, with the same results (``fused``).
     """
 
     kind = "branched"
 
+    def __init__(self, *args, fused: "_Graph | None" = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = fused  # the one-graph form (moco.deploy.fuse), run when present
+
     def __call__(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
         x = self._input(x)
+        if x.shape[0] == 0:  # nothing to run (a flattening Reshape cannot take an empty batch)
+            empty = (np.zeros(0, dtype=np.int64) if self.manifest["output"] == "classes"
+                     else np.zeros((0, self.num_classes), dtype=np.float32))
+            return empty, np.zeros(0, dtype=bool)
+        if self.fused is not None:
+            predictions, mask = self.fused(x)
+            return predictions, mask.astype(bool, copy=False)
         hidden, mask, classes = self.graphs[0](x)
         mask = mask.astype(bool, copy=False)
         b = x.shape[0]
@@ -440,7 +452,8 @@ def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads
         return _Graph(file, threads, *_graph_config(item, optimization, path / MANIFEST))
 
     graphs = [graph(item) for item in manifest["graphs"][precision]]
-    if manifest["kind"] == "exits":
+    if manifest["kind"] in ("exits", "branched"):
         fused = (manifest.get("fused") or {}).get(precision)
-        return ExitsRuntime(graphs, manifest, precision, threads, path, fused=graph(fused) if fused else None)
+        return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path,
+                                           fused=graph(fused) if fused else None)
     return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path)
