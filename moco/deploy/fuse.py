@@ -30,6 +30,44 @@ def _opset(model) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+class _Builder:
+    """The node and initializer lists of the fused graph, and helpers that append to them."""
+
+    def __init__(self):
+        self.nodes: list = []
+        self.inits: list = []
+
+    def const(self, name: str, value) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+
+def _input_info(model):
+    """The fused graph's ``input``: float32, dynamic batch, the per-sample shape of ``model``'s input."""
+    from onnx import TensorProto, helper
+
+    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
+    return helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *[d.dim_value for d in dims]])
+
+
+def _load(paths: Sequence[Path]) -> tuple[list, int]:
+    """The graphs at ``paths``, brought to the highest default-domain opset among them (at least 13)."""
+    import onnx
+    from onnx import version_converter
+
+    models = [onnx.load(str(p)) for p in paths]
+    opset = max(max(_opset(m) for m in models), 13)
+    return [m if _opset(m) == opset else version_converter.convert_version(m, opset) for m in models], opset
+
+
 def _guarded(graph, rows: str, tag: str) -> tuple[list, dict[str, str]]:
     """Nodes that run ``graph``'s nodes only when the gathered batch ``rows`` (int64 ``[n]``) is not
     empty (an ONNX ``If``); else its outputs are empty tensors of the same per-sample shape. Kernels
@@ -72,22 +110,11 @@ def fuse_exits(paths: Sequence[Path], out: Path, *, higher_is_confident: bool, n
     Segment ``i < K - 1`` has outputs ``hidden`` (and ``logits``, ``score`` when its exit is enabled),
     the last one ``logits``; each has one input. The graphs are brought to the highest opset among them.
     """
-    import onnx
-    from onnx import TensorProto, compose, helper, numpy_helper, version_converter
+    from onnx import TensorProto, compose, helper
 
-    models = [onnx.load(str(p)) for p in paths]
-    opset = max(max(_opset(m) for m in models), 13)
-    models = [m if _opset(m) == opset else version_converter.convert_version(m, opset) for m in models]
-    nodes, inits = [], []
-
-    def const(name: str, value) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
+    models, opset = _load(paths)
+    b = _Builder()
+    nodes, inits, const, node = b.nodes, b.inits, b.const, b.node
     shape = node("Shape", ["input"], "fuse/shape")
     batch = node("Gather", [shape, const("fuse/zero", np.array(0, dtype=np.int64))], "fuse/batch", axis=0)
     rows = node("Range", [const("fuse/start", np.array(0, dtype=np.int64)), batch,
@@ -137,11 +164,9 @@ def fuse_exits(paths: Sequence[Path], out: Path, *, higher_is_confident: bool, n
         current = node("Gather", [names[0], local], f"fuse/hidden{i}", axis=0)
     nodes.append(helper.make_node("Identity", [logits], ["logits"], name="fuse/out_logits"))
     nodes.append(helper.make_node("Identity", [exit_index], ["exit_index"], name="fuse/out_exit"))
-    first = models[0].graph.input[0]
     graph = helper.make_graph(
         nodes, "moco_exits_fused",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *[d.dim_value for d in
-                                                                              first.type.tensor_type.shape.dim[1:]]]),
+        [_input_info(models[0]),
          helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [max(last, 1)])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes]),
          helper.make_tensor_value_info("exit_index", TensorProto.INT64, ["batch"])],
@@ -155,23 +180,14 @@ def fuse_branched(head: Path, tail: Path, out: Path, *, output: str, num_classes
     ``output="classes"``, else float32 ``[B, C]``: one-hot where the rule decided, the tail's logits
     elsewhere) and ``mask`` (bool ``[B]``, True where the rule decided). The tail runs on the
     undecided samples only. Returns ``out``."""
-    import onnx
-    from onnx import TensorProto, compose, helper, numpy_helper, version_converter
+    from onnx import TensorProto, compose, helper
 
-    models = [onnx.load(str(p)) for p in (head, tail)]
-    opset = max(max(_opset(m) for m in models), 13)
-    models = [m if _opset(m) == opset else version_converter.convert_version(m, opset) for m in models]
+    models, opset = _load((head, tail))
     h, t = (compose.add_prefix(m, f"{k}/").graph for m, k in zip(models, ("h", "t")))
-    nodes = [helper.make_node("Identity", ["input"], [h.input[0].name], name="fuse/input"), *h.node]
-    inits = [*h.initializer, *t.initializer]
-
-    def const(name: str, value) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
+    b = _Builder()
+    nodes, inits, const, node = b.nodes, b.inits, b.const, b.node
+    nodes.extend([helper.make_node("Identity", ["input"], [h.input[0].name], name="fuse/input"), *h.node])
+    inits.extend([*h.initializer, *t.initializer])
 
     hidden, mask, classes = (o.name for o in h.output)
     mask_b = node("Cast", [mask], "fuse/mask", to=TensorProto.BOOL)
@@ -193,11 +209,8 @@ def fuse_branched(head: Path, tail: Path, out: Path, *, output: str, num_classes
         pred_info = helper.make_tensor_value_info("predictions", TensorProto.FLOAT, ["batch", num_classes])
     nodes.append(helper.make_node("Identity", [pred], ["predictions"], name="fuse/out_pred"))
     nodes.append(helper.make_node("Identity", [mask_b], ["mask"], name="fuse/out_mask"))
-    first = models[0].graph.input[0]
     graph = helper.make_graph(
-        nodes, "moco_branched_fused",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *[d.dim_value for d in
-                                                                              first.type.tensor_type.shape.dim[1:]]])],
+        nodes, "moco_branched_fused", [_input_info(models[0])],
         [pred_info, helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch"])], initializer=inits)
     return _save(models, graph, opset, out)
 
