@@ -259,15 +259,25 @@ def bench_pfa_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Path 
         smalls[name], rows[name] = _run_recipe(name, base, base, PFA.keep(recipes, rename=responses), data, cfg,
                                                    seed, out, out_dir)
 
-    if cfg["iterate"] and rows["kl"]["macs_reduction"] < TARGET_MACS:
-        # iterate as the PFA paper does: introspect the fine-tuned KL model and apply KL again
-        first = smalls["kl"]
-        again = PFA.introspect(x_intro, model=first, layers=list(block_responses(first)), pooling="max",
-                               batch_size=500, progress=False)
+    def kl_again(first: nn.Module, round_to: int | None):
+        """Iterate as the PFA paper does: introspect the fine-tuned ``first`` and apply KL again;
+        returns the recipes and ``{conv: kept indices}`` (counts rounded to ``round_to`` when given)."""
+        from moco.compress.pfa import partial_keep
+
+        first_responses = block_responses(first)
+        again = PFA.introspect(x_intro, model=first, layers=list(first_responses), pooling="max", batch_size=500,
+                               progress=False)
         kl2 = again.get_recipe(strategy=PFA.Strategy.KL(), unit_strategy=PFA.UnitSelectionStrategy.AbsMax())
+        if round_to is None:
+            return kl2, PFA.keep(kl2, rename=first_responses)
+        keep2 = partial_keep(kl2, again, 1.0, PFA.UnitSelectionStrategy.AbsMax(), round_to=round_to)
+        return kl2, {first_responses[k]: v for k, v in keep2.items()}
+
+    if cfg["iterate"] and rows["kl"]["macs_reduction"] < TARGET_MACS:
+        first = smalls["kl"]
+        kl2, keep2 = kl_again(first, None)
         out("\nPFA KL on the fine-tuned KL model (second iteration):")
         out(PFA.show(kl2, include_columns=cols).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        keep2 = PFA.keep(kl2, rename=block_responses(first))
         smalls["kl_x2"], rows["kl_x2"] = _run_recipe("kl_x2", base, first, keep2, data, cfg, seed, out, out_dir)
 
     if cfg["round_to"]:
@@ -281,15 +291,9 @@ def bench_pfa_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Path 
         smalls[name], rows[name] = _run_recipe(name, base, base, {responses[k]: v for k, v in keep.items()}, data,
                                                cfg, seed, out, out_dir)
         if cfg["iterate"] and rows[name]["macs_reduction"] < TARGET_MACS:
-            first = smalls[name]
-            first_responses = block_responses(first)
-            again = PFA.introspect(x_intro, model=first, layers=list(first_responses), pooling="max",
-                                   batch_size=500, progress=False)
-            kl2 = again.get_recipe(strategy=PFA.Strategy.KL(), unit_strategy=PFA.UnitSelectionStrategy.AbsMax())
-            keep2 = partial_keep(kl2, again, 1.0, PFA.UnitSelectionStrategy.AbsMax(), round_to=block)
-            smalls[name + "_x2"], rows[name + "_x2"] = _run_recipe(
-                name + "_x2", base, first, {first_responses[k]: v for k, v in keep2.items()}, data, cfg, seed, out,
-                out_dir)
+            _, keep2 = kl_again(smalls[name], block)
+            smalls[name + "_x2"], rows[name + "_x2"] = _run_recipe(name + "_x2", base, smalls[name], keep2, data, cfg,
+                                                                   seed, out, out_dir)
 
     meeting = {k: r for k, r in rows.items() if r["accuracy_drop_points"] <= TARGET_DROP_POINTS}
     if meeting:

@@ -58,12 +58,6 @@ SESSION_CONFIGS: dict[str, dict[str, Any]] = {
     "all-no-nchwc": {"optimization": "all", "disabled_optimizers": ["NchwcTransformer"]},
     "extended": {"optimization": "extended", "disabled_optimizers": []},
 }
-
-#: micro-batch sizes :func:`moco.deploy.export` times per graph (None: the whole batch in one call).
-#: Measured 2026-12-02 (AVX-512 EPYC, 2 threads, batches of 1000): seed 003's pruned fashion_cnn
-#: (3 and 5 channels on 26x26 / 24x24 maps) ran 8.7 ms per 1000 in one call and 6.1 ms in chunks of 256;
-#: the original 32.8 and 29.2 ms.
-MICRO_BATCHES: tuple[int | None, ...] = (None, 256, 64)
 """Session settings :func:`moco.deploy.export` times per graph (``tune=True``) and records in the manifest.
 
 ``"all"`` is onnxruntime's default (every graph optimisation, including the NCHWc layout transformer
@@ -71,6 +65,12 @@ that blocks channels by the vector width: a 3-channel convolution is padded to 8
 for 8, plus the reorders in and out); ``"all-no-nchwc"`` keeps the other optimisations but leaves
 convolutions in NCHW (for convolutions with few channels the plain kernels win); ``"extended"`` also
 skips the layout optimisations."""
+
+#: micro-batch sizes :func:`moco.deploy.export` times per graph (None: the whole batch in one call).
+#: Measured 2026-12-02 (AVX-512 EPYC, 2 threads, batches of 1000): seed 003's pruned fashion_cnn
+#: (3 and 5 channels on 26x26 / 24x24 maps) ran 8.7 ms per 1000 in one call and 6.1 ms in chunks of 256;
+#: the original 32.8 and 29.2 ms.
+MICRO_BATCHES: tuple[int | None, ...] = (None, 256, 64)
 
 
 def _session(path: Path, threads: int, optimization: str, disabled_optimizers: Sequence[str] = ()):
@@ -194,12 +194,17 @@ class _Graph:
     def __init__(self, path: Path, threads: int, optimization: str, disabled_optimizers: Sequence[str] = (),
                  micro_batch: int | None = None):
         self.path = path
+        self.optimization, self.disabled_optimizers = optimization, list(disabled_optimizers)
         self.micro_batch = micro_batch
-        self.config = {"optimization": optimization, "disabled_optimizers": list(disabled_optimizers),
-                       "micro_batch": micro_batch}
         self.session = _session(path, threads, optimization, disabled_optimizers)
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The session settings in use (as the manifest records them)."""
+        return {"optimization": self.optimization, "disabled_optimizers": list(self.disabled_optimizers),
+                "micro_batch": self.micro_batch}
 
     def __call__(self, x: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """The outputs on batch ``x``; ``extra``: further inputs, the same for every micro-batch."""
@@ -222,8 +227,10 @@ class _Runtime:
 
     kind = "model"
 
-    def __init__(self, graphs: list[_Graph], manifest: dict[str, Any], precision: str, threads: int, path: Path):
+    def __init__(self, graphs: list[_Graph], manifest: dict[str, Any], precision: str, threads: int, path: Path,
+                 fused: _Graph | None = None):
         self.graphs = graphs
+        self.fused = fused  # branched / exits: the one-graph form (moco.deploy.fuse), run when present
         self.manifest = manifest
         self.precision = precision
         self.intra_op_num_threads = threads
@@ -260,10 +267,6 @@ class BranchedRuntime(_Runtime):
     """
 
     kind = "branched"
-
-    def __init__(self, *args, fused: "_Graph | None" = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fused = fused  # the one-graph form (moco.deploy.fuse), run when present
 
     def __call__(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
         x = self._input(x)
@@ -307,9 +310,8 @@ class ExitsRuntime(_Runtime):
 
     kind = "exits"
 
-    def __init__(self, *args, fused: "_Graph | None" = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fused = fused  # the one-graph form (moco.deploy.fuse), run when present
         self.higher_is_confident = bool(self.manifest["criterion"]["higher_is_confident"])
         self._has_head = [len(g.outputs) == 3 for g in self.graphs[:-1]]
         self.thresholds = self.manifest["thresholds"]
@@ -452,8 +454,6 @@ def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads
         return _Graph(file, threads, *_graph_config(item, optimization, path / MANIFEST))
 
     graphs = [graph(item) for item in manifest["graphs"][precision]]
-    if manifest["kind"] in ("exits", "branched"):
-        fused = (manifest.get("fused") or {}).get(precision)
-        return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path,
-                                           fused=graph(fused) if fused else None)
-    return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path)
+    fused = (manifest.get("fused") or {}).get(precision)  # read_manifest allows it for branched / exits only
+    return _RUNTIMES[manifest["kind"]](graphs, manifest, precision, threads, path,
+                                       fused=graph(fused) if fused else None)

@@ -160,7 +160,9 @@ def _prune(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
         layers, drop_threshold=float(p["drop_threshold"]), step=p["step"], retrain_samples=p["retrain_samples"],
         retrain_epochs=int(p["retrain_epochs"]), lr=float(p["lr"]), optimizer=p["optimizer"],
         batch_size=int(p["batch_size"]), seed=ctx.seed, example_input=ctx.example, max_steps=int(p["max_steps"]),
-        round_to="auto" if p["round_to"] is None else p["round_to"],  # as in the pfa step: widths ORT runs fast
+        # None: no rounding. Unlike pfa (one rounding of the final counts), here every step must leave a multiple,
+        # so steps are coarse: on examples/mynet.py with "auto" (16 on AVX-512) every prune step was rolled back
+        round_to=p["round_to"],
         progress=ctx.progress,
     ).fit(model, ctx.fit.tensors(), ctx.holdout.tensors())
     small = pruner.small_
