@@ -263,6 +263,8 @@ logits, idx = load({str(tmp_path / 'e')!r})(d["x"])
 assert (idx == d["idx"]).all() and np.abs(logits - d["logits"]).max() < 1e-4
 out = load({str(tmp_path / 'm.onnx')!r})(d["x"])
 assert np.abs(out - d["m"]).max() < 1e-4
+from moco.deploy import op_profile
+assert op_profile({str(tmp_path / 'm.onnx')!r}, d["x"], runs=2).rows
 assert sys.modules["torch"] is None
 print("ok without torch")
 """
@@ -270,6 +272,32 @@ print("ok without torch")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok without torch" in proc.stdout
+
+
+def test_op_profile_shows_where_the_time_goes(exits_net, seed_cnn, x, tmp_path):
+    """onnxruntime's per-node kernel times of a deployed model, per run, warm-up excluded."""
+    from moco.deploy import op_profile
+
+    export(seed_cnn, tmp_path / "m", x[:4], tune=False)
+    prof = op_profile(tmp_path / "m", x, runs=3)
+    assert prof.runs == 3 and prof.batch == len(x) and prof.rows and prof.kernel_s > 0 and prof.wall_s > 0
+    assert abs(sum(r.share for r in prof.rows) - 1) < 1e-9 and prof.rows[0].seconds >= prof.rows[-1].seconds
+    assert all(r.calls == 1 for r in prof.rows)  # warm-up runs left out: one call of each node per run
+    ops = set(prof.by_op_type())
+    assert ops & {"Conv", "FusedConv"} and ops & {"Gemm", "FusedGemm", "MatMul"}, ops
+    assert "where the time goes" in prof.to_text() and len(prof.to_frame()) == len(prof.rows)
+    assert prof.to_dict()["rows"][0]["node"] == prof.rows[0].node
+    # micro-batches: each node runs once per chunk
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    doc["graphs"]["fp32"][0]["session"] = {"optimization": "all", "disabled_optimizers": [], "micro_batch": 32}
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(doc))
+    chunked = op_profile(tmp_path / "m", x[:96], runs=2)
+    assert {r.calls for r in chunked.rows} == {3}
+    export(exits_net, tmp_path / "e", x[:8], tune=False)
+    assert {r.graph for r in op_profile(tmp_path / "e", x, runs=2).rows} == {"exits.onnx"}  # the fused graph
+    for bad in (0, 1.5, True):
+        with pytest.raises(MocoError, match="runs must be an int"):
+            op_profile(tmp_path / "m", x, runs=bad)
 
 
 def test_fused_exits_graph_equals_the_segments(exits_net, x, tmp_path):

@@ -180,19 +180,21 @@ class RuntimeVariant:
 
 
 def deploy_variants(obj: nn.Module, example: torch.Tensor, *, int8: Any = None, check: Any = None,
-                    calibration: Any = None, threads: int | None = None, warmup: Sequence[torch.Tensor] = ()):
+                    calibration: Any = None, threads: int | None = None, warmup: Sequence[torch.Tensor] = (),
+                    path: str | Path | None = None):
     """Export ``obj`` with :func:`moco.deploy.export` and load every precision as a :class:`RuntimeVariant`.
 
     ``int8``, ``check`` and ``calibration`` go to ``export``; ``threads``: onnxruntime intra-op threads
     (default ``torch.get_num_threads()``, the baselines' setting); ``warmup``: batches each runtime runs
     once before it is returned. Returns ``({"fp32": variant, "int8": variant?}, ExportResult)``; the
-    graphs live in a temporary folder only while the sessions are created.
+    graphs are written to the folder ``path`` (kept: the deployable result), or with None to a
+    temporary folder that lives only while the sessions are created.
     """
     from moco.deploy import export, load
 
     threads = torch.get_num_threads() if threads is None else threads
     with tempfile.TemporaryDirectory(prefix="moco-deploy-") as tmp:
-        path = Path(tmp) / "deployed"
+        path = Path(tmp) / "deployed" if path is None else Path(path)
         result = export(obj, path, example, int8=int8, check=check, calibration=calibration,
                         intra_op_num_threads=threads)
         variants = {p: RuntimeVariant(load(path, precision=p, intra_op_num_threads=threads)) for p in result.graphs}
@@ -204,7 +206,8 @@ def deploy_variants(obj: nn.Module, example: torch.Tensor, *, int8: Any = None, 
 
 def compare_deployed(original: nn.Module, small: nn.Module, batches: Sequence[torch.Tensor], test: tuple, *,
                      int8: Any, repeats: int = 5, max_drop_points: float = 1.0, prefix: str = "small",
-                     baselines: Iterable[str] = ("eager", "channels_last", "onnxruntime")) -> tuple[dict, Any]:
+                     baselines: Iterable[str] = ("eager", "channels_last", "onnxruntime"),
+                     deploy_dir: str | Path | None = None) -> tuple[dict, Any]:
     """A smaller model deployed (FP32 and int8) against the original's honest baselines, side by side.
 
     ``batches``: the timed batches (one run = all of them); ``test``: ``(x, y)`` the deployed runtimes
@@ -213,13 +216,14 @@ def compare_deployed(original: nn.Module, small: nn.Module, batches: Sequence[to
     (FP32 when none is). Returns ``(summary dict, Comparison)``; the summary holds per precision the
     ratios against the best baseline, the original in ONNX Runtime FP32 and eager, accuracy and
     agreement, plus ``deployed_ratio_vs_best_baseline``, ``deployed_precision``, ``best_baseline``,
-    the export result and ``threads``.
+    the export result and ``threads``. ``deploy_dir``: keep the exported folder there (else temporary).
     """
     from moco.bench.harness import compare
 
     x_test, y_test = test
     base = baseline_variants(original, batches[0], include=baselines, check_inputs=list(batches[:2]))
-    deployed, exported = deploy_variants(small, batches[0], int8=int8, check=test, warmup=batches[:2])
+    deployed, exported = deploy_variants(small, batches[0], int8=int8, check=test, warmup=batches[:2],
+                                         path=deploy_dir)
     small_eager = _Eager(copy.deepcopy(small).eval())
     variants = {**base.variants, f"{prefix}/eager": small_eager,
                 **{f"{prefix}/deployed-{p}": fn for p, fn in deployed.items()}}

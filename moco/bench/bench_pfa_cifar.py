@@ -19,8 +19,9 @@
    (:func:`moco.compress.pfa.leader_recipes`); fine-tuning (Adam, lr 1e-3 cosine, batch 128, distilled
    from the base) and the side-by-side report (:func:`moco.compress.report.compare_models`: params, MACs, test accuracy;
    original eager / channels-last / ONNX Runtime against the small model);
-5. the KL recipe with its kept counts rounded to multiples of 8 (``kl_r8``; ONNX Runtime runs odd
-   widths on slower kernels, :func:`moco.compress.pfa.partial_keep`);
+5. the KL recipe with its kept counts rounded to this CPU's ONNX Runtime channel block (``round_to="auto"``:
+   8 on AVX2, 16 on AVX-512 -- ``kl_r<block>``; ONNX Runtime runs odd widths on slower kernels,
+   :func:`moco.compress.pfa.partial_keep`);
 6. a second KL iteration on the fine-tuned model, as the PFA paper does (``kl_x2``), applied to it
    and fine-tuned again, also in part: each layer gives up 0.25 / 0.5 of the units the second recipe
    removes (``kl_x2_f0.25``, ``kl_x2_f0.5``).
@@ -61,7 +62,7 @@ SETTINGS = {
     # the same code and seed on an AVX2 machine gave a base of 64.07 % and KL 61.83 % (-2.24 points): the
     # fine-tuned accuracy varies by ~2 points with the machine's arithmetic, as much as the target's budget
     False: dict(n_introspect=2000, n_finetune=None, finetune_epochs=6, distill=True, timing_samples=2000, repeats=5,
-                iterate=True, second_fractions=(0.25, 0.5), round_to=8),
+                iterate=True, second_fractions=(0.25, 0.5), round_to="auto"),
     True: dict(n_introspect=600, n_finetune=2_000, finetune_epochs=1, distill=True, timing_samples=500, repeats=3,
                iterate=False, second_fractions=(), round_to=None),
 }
@@ -98,7 +99,7 @@ def bench_pfa_cifar(quick: bool, seed: int, out=print, *, out_dir: str | Path = 
     import pandas as pd
 
     from moco.bench.bench_pfa_fashion import _run_recipe, _widths  # the same surgery + fine-tune + report step
-    from moco.compress.pfa import PFA, leader_recipes, partial_keep
+    from moco.compress.pfa import PFA, check_round_to, leader_recipes, partial_keep
     from moco.data import load_cifar10
     from moco.train import pretrained
 
@@ -172,13 +173,14 @@ def bench_pfa_cifar(quick: bool, seed: int, out=print, *, out_dir: str | Path = 
     rows: dict[str, dict] = {}
     first, rows["kl"] = _run_recipe("kl", base, base, PFA.keep(applied), data, cfg, seed, out, out_dir)
     if cfg["round_to"]:
-        # the same recipe with every kept count rounded to a multiple of round_to: ONNX Runtime runs the
-        # odd widths PFA gives on slower kernels (moco.compress.pfa.partial_keep)
-        keep = partial_keep(applied, pfa, 1.0, PFA.UnitSelectionStrategy.L1Max(), round_to=cfg["round_to"])
-        out(f"\nKL with kept counts rounded to multiples of {cfg['round_to']}: "
+        # the same recipe with every kept count rounded to this CPU's ONNX Runtime channel block ("auto": 8 on
+        # AVX2, 16 on AVX-512): ONNX Runtime runs the odd widths PFA gives on slower kernels
+        # (moco.compress.pfa.partial_keep)
+        block = check_round_to(cfg["round_to"])
+        keep = partial_keep(applied, pfa, 1.0, PFA.UnitSelectionStrategy.L1Max(), round_to=block)
+        out(f"\nKL with kept counts rounded to multiples of {block}: "
             + ", ".join(f"{names.get(n, n)} {len(keep[n])} (KL {r.recommended_count})" for n, r in applied.items()))
-        _, rows[f"kl_r{cfg['round_to']}"] = _run_recipe(f"kl_r{cfg['round_to']}", base, base, keep, data, cfg,
-                                                        seed, out, out_dir)
+        _, rows[f"kl_r{block}"] = _run_recipe(f"kl_r{block}", base, base, keep, data, cfg, seed, out, out_dir)
     if cfg["iterate"]:
         again = PFA.introspect(PFA.producer(images, model=first, layers=_conv_layers(first)), batch_size=500)
         kl2 = again.get_recipe(strategy=PFA.Strategy.KL(), unit_strategy=PFA.UnitSelectionStrategy.L1Max())

@@ -4,7 +4,8 @@
 ``BranchedNetwork`` or an ``EarlyExitNetwork`` as ONNX graphs and checks the runtime against PyTorch
 before returning an :class:`ExportResult`. ``load(path)`` (numpy and onnxruntime only: importing
 ``moco.deploy`` and loading never imports torch) returns a runtime with the PyTorch object's call
-contract. Names load on first use, so the runtime side stays torch-free.
+contract. ``op_profile(path, x)`` (numpy and onnxruntime too) shows where a deployed model's time goes,
+node by node. Names load on first use, so the runtime side stays torch-free.
 """
 
 from importlib import import_module
@@ -19,6 +20,8 @@ _LAZY = {
     "ModelRuntime": "moco.deploy.runtime",
     "BranchedRuntime": "moco.deploy.runtime",
     "ExitsRuntime": "moco.deploy.runtime",
+    "op_profile": "moco.deploy.opprofile",
+    "OpProfile": "moco.deploy.opprofile",
 }
 
 __all__ = list(_LAZY)

@@ -483,30 +483,37 @@ def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dic
 
 
 def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 3,
-          max_batch: int = 64, micro_samples: int = 512, budget_s: float = 0.05) -> None:
-    """Set ``item["session"]`` of each graph to the fastest of :data:`SESSION_CONFIGS`, then its
-    ``micro_batch`` to the fastest of :data:`MICRO_BATCHES`, timed on its example input.
+          max_batch: int = 64, micro_samples: int = 512, budget_s: float = 0.05, rounds: int = 3) -> None:
+    """Set ``item["session"]`` of each graph to the fastest pair of :data:`SESSION_CONFIGS` and
+    :data:`MICRO_BATCHES`, timed on its example input.
 
     The example is tiled to ``micro_samples`` samples (a throughput batch: the settings that win at 64
     samples can lose at 1,000, e.g. fashion_cnn chose ``"extended"`` at 64 samples, 2 threads, and ran
     1.5x slower with it at 1,024). When one call on that batch takes longer than ``budget_s`` seconds
-    (a compute-bound graph, where neither choice moves much; the export stays quick) the settings are timed on at most ``max_batch``
-    samples instead and no micro-batch is tried. onnxruntime's default (``"all"``, whole batch) is kept
-    unless another is at least 5% faster, so noise does not flip the choice. Each candidate is timed in a
-    block of its own after one warm-up run (then at least ``repeats`` runs and 0.05 s; median):
-    interleaving different sessions call by call lets the spin-waiting threads of one slow down the next
-    (see :func:`moco.bench.harness.compare`). The measured medians (seconds) are recorded beside the choices.
+    (a compute-bound graph, where neither choice moves much; the export stays quick) the settings are
+    timed once each on at most ``max_batch`` samples instead and no micro-batch is tried. Otherwise every
+    pair (session settings, micro-batch) is timed, jointly because they interact (seed 003's pruned
+    fashion_cnn: NCHWc loses on the whole batch and wins in chunks of 256, its padded activations
+    leave the cache), in ``rounds`` rounds that visit the pairs in a rotated order, and scored by the
+    median of all its runs: one round's blocks on a shared 2-core machine scatter by 30%, enough for
+    a single block to pick a slower pair (it once chose one 1.25x slower than the best). onnxruntime's
+    default (``"all"``, whole batch) is kept unless another pair is at least 5% faster, so noise does
+    not flip the choice. Each candidate is timed in a block of its own after one warm-up run (then at
+    least ``repeats`` runs and 0.05 s): interleaving different sessions call by call lets the
+    spin-waiting threads of one slow down the next (see :func:`moco.bench.harness.compare`). The
+    measured medians (seconds) are recorded beside the choice: ``measured_s`` per session setting on
+    the whole batch, ``micro_batch_measured_s`` per micro-batch with the chosen setting.
     """
     from moco.deploy.runtime import MICRO_BATCHES, _Graph
 
-    def block(fn, x) -> float:
+    def block(fn, x) -> list[float]:
         fn(x)
         times: list[float] = []
         while len(times) < repeats or sum(times) < 0.05:  # sub-millisecond runs need many to be stable
             t0 = time.perf_counter()
             fn(x)
             times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return times
 
     def graph(config: dict) -> "_Graph":
         return _Graph(work / item["file"], threads, config["optimization"], config["disabled_optimizers"])
@@ -520,20 +527,22 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
         cheap = time.perf_counter() - t0 <= budget_s
         del probe
         timed = big if cheap else np.ascontiguousarray(x[:max_batch])
-        medians = {name: block(graph(c), timed) for name, c in SESSION_CONFIGS.items()}
+        graphs = {name: graph(c) for name, c in SESSION_CONFIGS.items()}
+        pairs = [(name, m) for name in SESSION_CONFIGS for m in (MICRO_BATCHES if cheap else (None,))]
+        times: dict[tuple, list[float]] = {pair: [] for pair in pairs}
+        for r in range(rounds if cheap else 1):
+            shift = r * len(pairs) // max(rounds, 1)
+            for name, m in pairs[shift:] + pairs[:shift]:
+                graphs[name].micro_batch = m
+                times[(name, m)] += block(graphs[name], timed)
+        del graphs
+        medians = {pair: float(np.median(t)) for pair, t in times.items()}
         best = min(medians, key=medians.get)
-        choice = best if medians[best] < 0.95 * medians["all"] else "all"
-        config = SESSION_CONFIGS[choice]
-        micro, micro_s = None, {}
-        if cheap:
-            chosen = graph(config)
-            for m in MICRO_BATCHES:
-                chosen.micro_batch = m
-                micro_s[str(m)] = medians[choice] if m is None else block(chosen, big)
-            fastest = min(MICRO_BATCHES, key=lambda m: micro_s[str(m)])
-            micro = fastest if micro_s[str(fastest)] < 0.95 * micro_s["None"] else None
-        item["session"] = {**config, "name": choice, "measured_s": medians, "batch": int(len(timed)),
-                           "micro_batch": micro, "micro_batch_measured_s": micro_s}
+        choice, micro = best if medians[best] < 0.95 * medians[("all", None)] else ("all", None)
+        micro_s = {str(m): medians[(c, m)] for c, m in pairs if c == choice} if cheap else {}
+        item["session"] = {**SESSION_CONFIGS[choice], "name": choice,
+                           "measured_s": {name: medians[(name, None)] for name in SESSION_CONFIGS},
+                           "batch": int(len(timed)), "micro_batch": micro, "micro_batch_measured_s": micro_s}
 
 
 def _session_name(session: dict) -> str:

@@ -73,7 +73,10 @@ skips the layout optimisations."""
 MICRO_BATCHES: tuple[int | None, ...] = (None, 256, 64)
 
 
-def _session(path: Path, threads: int, optimization: str, disabled_optimizers: Sequence[str] = ()):
+def _session(path: Path, threads: int, optimization: str, disabled_optimizers: Sequence[str] = (),
+             profile_prefix: str | None = None):
+    """An onnxruntime CPU session with these settings; ``profile_prefix``: onnxruntime's per-node
+    profiling on, its JSON written under this path prefix (see :mod:`moco.deploy.opprofile`)."""
     import onnxruntime as ort
 
     levels = {
@@ -90,6 +93,9 @@ def _session(path: Path, threads: int, optimization: str, disabled_optimizers: S
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], **extra)
@@ -193,7 +199,7 @@ class _Graph:
 
     def __init__(self, path: Path, threads: int, optimization: str, disabled_optimizers: Sequence[str] = (),
                  micro_batch: int | None = None):
-        self.path = path
+        self.path, self.threads = path, threads
         self.optimization, self.disabled_optimizers = optimization, list(disabled_optimizers)
         self.micro_batch = micro_batch
         self.session = _session(path, threads, optimization, disabled_optimizers)

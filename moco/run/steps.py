@@ -340,7 +340,7 @@ def _rules(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
 # ------------------------------------------------------------------------------------------- export
 
 def _export(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
-    from moco.deploy import export, load
+    from moco.deploy import export, load, op_profile
 
     if stage.kind == "deployed":
         raise MocoError("step 'export' follows another export; export once, at the end")
@@ -350,13 +350,17 @@ def _export(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     target = out / "deployed"
     res = export(stage.obj, target, ctx.example, int8=calib.tensors() if p["int8"] else None, check=check,
                  calibration=calibration, intra_op_num_threads=int(p["threads"]))
-    runtime = load(target, intra_op_num_threads=int(p["threads"]), **({"precision": "int8"} if p["int8"] else {}))
+    precision = "int8" if p["int8"] else "fp32"
+    runtime = load(target, intra_op_num_threads=int(p["threads"]), precision=precision)
     info = dict(stage.info)
     summary = res.to_dict() if hasattr(res, "to_dict") else {"path": str(target)}
     changed = f"deployed to ONNX Runtime ({'int8' if p['int8'] else 'FP32'}): {target}"
     text = res.to_text() if hasattr(res, "to_text") else changed
-    return StepOutcome(Stage("deployed", runtime, stage.model, info), json_safe(summary), f"{changed}\n\n{text}",
-                       None, [str(target)], changed)
+    # where the deployed model's time goes (onnxruntime's per-node kernel times on up to 256 test samples)
+    prof = op_profile(target, check[0][:256], precision=precision, runs=5, intra_op_num_threads=int(p["threads"]))
+    profile_file = write_json_atomic(out / "op_profile.json", prof.to_dict())
+    return StepOutcome(Stage("deployed", runtime, stage.model, info), json_safe(summary),
+                       f"{changed}\n\n{text}\n\n{prof.to_text()}", None, [str(target), str(profile_file)], changed)
 
 
 # ------------------------------------------------------------------------------------ quantize/approx
