@@ -262,19 +262,20 @@ def bench_prune_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Pat
     from moco.bench.baselines import compare_deployed, stage_table
 
     timing_batches = list(x_te[: cfg["timing_samples"]].split(BATCH_SIZE))
+    deployed_dir = out_dir / "deployed"
     dep, cmp_dep = compare_deployed(base, small, timing_batches, (x_te, y_te), int8=x_tr[:2000],
-                                    repeats=cfg["repeats"], max_drop_points=1.0, deploy_dir=out_dir / "deployed")
+                                    repeats=cfg["repeats"], max_drop_points=1.0, deploy_dir=deployed_dir)
     out(f"\ndeployed small model vs the original's baselines (batch {BATCH_SIZE}, {len(timing_batches)} batches, "
         f"{dep['threads']} thread(s)):")
     out(cmp_dep.to_text())
     out("stage by stage (ratio = median time / the original in ONNX Runtime FP32, same run):")
     out(stage_table(dep["stages"]))
     out(f"deployed ({dep['deployed_precision']}): {dep['deployed_ratio_vs_best_baseline']:.3f} of the best baseline "
-        f"({dep['best_baseline']}); session settings per graph: {dep['export']['sessions']}; folder {out_dir / 'deployed'}")
+        f"({dep['best_baseline']}); session settings per graph: {dep['export']['sessions']}; folder {deployed_dir}")
     # where the deployed model's time goes, node by node as onnxruntime runs it, on one timed batch
     from moco.deploy import op_profile
 
-    profiles = {p: op_profile(out_dir / "deployed", timing_batches[0], precision=p, runs=cfg["repeats"],
+    profiles = {p: op_profile(deployed_dir, timing_batches[0], precision=p, runs=cfg["repeats"],
                               intra_op_num_threads=dep["threads"]) for p in dep["deployed"]}
     for prof in profiles.values():
         out(prof.to_text())
@@ -311,7 +312,7 @@ def bench_prune_fashion(quick: bool, seed: int, out=print, *, out_dir: str | Pat
         "stages": dep["stages"],
         "threads": dep["threads"],
         "export": dep["export"],
-        "deployed_folder": str(out_dir / "deployed"),
+        "deployed_folder": str(deployed_dir),
         "op_profile": {p: prof.to_dict() for p, prof in profiles.items()},
         "comparison_deployed": dep["comparison"],
         "macs_reduction": d["macs_reduction"],

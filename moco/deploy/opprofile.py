@@ -18,7 +18,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +65,12 @@ class OpProfile:
         return {"path": self.path, "precision": self.precision, "threads": self.threads, "runs": self.runs,
                 "batch": self.batch, "kernel_s": self.kernel_s, "wall_s": self.wall_s,
                 "by_op_type": self.by_op_type(),
-                "rows": [{"graph": r.graph, "node": r.node, "op_type": r.op_type, "seconds": r.seconds,
-                          "share": r.share, "calls": r.calls} for r in self.rows]}
+                "rows": [asdict(r) for r in self.rows]}
 
     def to_frame(self):
         import pandas as pd
 
-        return pd.DataFrame([r.__dict__ for r in self.rows])
+        return pd.DataFrame([asdict(r) for r in self.rows])
 
     def to_text(self, top: int | None = 12) -> str:
         """The ``top`` nodes by time (all with None), then the totals by operator type."""
@@ -116,7 +115,7 @@ def op_profile(path: str | Path, x: Any, *, runs: int = 10, warmup: int = 2, pre
 
     runs, warmup = _check_runs(runs, warmup)
     runtime = load(path, precision=precision, intra_op_num_threads=intra_op_num_threads)
-    graphs = list(runtime.graphs) + ([runtime.fused] if getattr(runtime, "fused", None) is not None else [])
+    graphs = list(runtime.graphs) + ([runtime.fused] if runtime.fused is not None else [])
     with tempfile.TemporaryDirectory(prefix="moco-opprofile-") as tmp:
         for i, graph in enumerate(graphs):  # the runtime is our own: its sessions are swapped, nobody else's
             graph.session = _session(graph.path, graph.threads, graph.optimization, graph.disabled_optimizers,
