@@ -5,7 +5,9 @@
 before returning an :class:`ExportResult`. ``load(path)`` (numpy and onnxruntime only: importing
 ``moco.deploy`` and loading never imports torch) returns a runtime with the PyTorch object's call
 contract. ``op_profile(path, x)`` (numpy and onnxruntime too) shows where a deployed model's time goes,
-node by node. Names load on first use, so the runtime side stays torch-free.
+node by node. A plain model with few-channel convolutions may also get a lane graph
+(:mod:`moco.deploy.lanes`: the convolutions vectorised over the batch's images) when the export measures
+it faster. Names load on first use, so the runtime side stays torch-free.
 """
 
 from importlib import import_module

@@ -52,6 +52,10 @@ from moco.io import write_json_atomic
 __all__ = ["Check", "ExportResult", "export", "export_onnx"]
 
 TOLERANCE = 1e-4
+#: fixed batches of the lane graphs (:mod:`moco.deploy.lanes`) a plain model's export times: on seed 003's
+#: pruned fashion_cnn (2026-12-03, AVX-512, 2 threads, 1,000 images) chunks of 64, 128 and 256 ran within
+#: noise of each other, 1.7x faster than the best plain setting; a whole-batch lane graph of 1,000, 1.2x.
+LANE_BATCHES = (64, 256)
 """Default relative tolerance of a score near its threshold: ``|score - t| <= tol * (1 + |t|)``."""
 
 
@@ -62,8 +66,9 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *,
-                output_names: Sequence[str] = ("output",)) -> str:
-    """Export ``module`` (one input, batch axis dynamic on the input and every output); returns the exporter used.
+                output_names: Sequence[str] = ("output",), dynamic_batch: bool = True) -> str:
+    """Export ``module`` (one input, batch axis dynamic on the input and every output unless
+    ``dynamic_batch=False``: then the graph takes batches of ``len(example)`` only); returns the exporter used.
 
     The TorchScript exporter (``dynamo=False``) is tried first: it handles plain CNNs in a fraction of a
     second, needs no onnxscript and prints nothing. When it fails (or is gone in a later torch), the
@@ -76,7 +81,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            axes = {n: {0: "batch"} for n in ["input", *names]}
+            axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else None
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 torch.onnx.export(module, (example,), path, dynamo=False, input_names=["input"], output_names=names,
                                   dynamic_axes=axes, opset_version=17)
@@ -86,7 +91,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *,
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"],
-                                            output_names=names, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                            output_names=names,
+                                            dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
                                             verbose=False)
                 program.optimize()
             # one self-contained file (weights inside, no external-data side file to lose on the way)
@@ -483,26 +489,34 @@ def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dic
 
 
 def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 3,
-          max_batch: int = 64, micro_samples: int = 512, budget_s: float = 0.05, rounds: int = 3) -> None:
+          max_batch: int = 64, micro_samples: int = 1024, budget_s: float = 0.1, rounds: int = 3,
+          lanes: Sequence[dict[int, dict]] = ()) -> None:
     """Set ``item["session"]`` of each graph to the fastest pair of :data:`SESSION_CONFIGS` and
-    :data:`MICRO_BATCHES`, timed on its example input.
+    :data:`MICRO_BATCHES`, timed on its example input; with ``lanes`` (per item: ``{batch: lane graph
+    item}``, see :mod:`moco.deploy.lanes`) the lane graphs compete too and the winner, if any, becomes
+    ``item["lanes"]``.
 
     The example is tiled to ``micro_samples`` samples (a throughput batch: the settings that win at 64
     samples can lose at 1,000, e.g. fashion_cnn chose ``"extended"`` at 64 samples, 2 threads, and ran
-    1.5x slower with it at 1,024). When one call on that batch takes longer than ``budget_s`` seconds
-    (a compute-bound graph, where neither choice moves much; the export stays quick) the settings are
-    timed once each on at most ``max_batch`` samples instead and no micro-batch is tried. Otherwise every
-    pair (session settings, micro-batch) is timed, jointly because they interact (seed 003's pruned
-    fashion_cnn: NCHWc loses on the whole batch and wins in chunks of 256, its padded activations
-    leave the cache), in ``rounds`` rounds that visit the pairs in a rotated order, and scored by the
-    median of all its runs: one round's blocks on a shared 2-core machine scatter by 30%, enough for
-    a single block to pick a slower pair (it once chose one 1.25x slower than the best). onnxruntime's
-    default (``"all"``, whole batch) is kept unless another pair is at least 5% faster, so noise does
-    not flip the choice. Each candidate is timed in a block of its own after one warm-up run (then at
-    least ``repeats`` runs and 0.05 s): interleaving different sessions call by call lets the
-    spin-waiting threads of one slow down the next (see :func:`moco.bench.harness.compare`). The
-    measured medians (seconds) are recorded beside the choice: ``measured_s`` per session setting on
-    the whole batch, ``micro_batch_measured_s`` per micro-batch with the chosen setting.
+    1.5x slower with it at 1,024; on 512 samples the lane graphs of seed 003's pruned model ran within
+    noise of the plain ones, on 1,024 and more 1.5-2x faster). When one call on that batch takes longer
+    than ``budget_s`` seconds (a compute-bound graph, where neither choice moves much; the export stays
+    quick) the settings are timed once each on at most ``max_batch`` samples instead and no micro-batch
+    or lane graph is tried.
+    Otherwise every pair (session settings, micro-batch) is timed, jointly because they interact (seed
+    003's pruned fashion_cnn: NCHWc loses on the whole batch and wins in chunks of 256, its padded
+    activations leave the cache), in ``rounds`` rounds that visit the pairs in a rotated order, and
+    scored by the median of all its runs: one round's blocks on a shared 2-core machine scatter by
+    30%, enough for a single block to pick a slower pair (it once chose one 1.25x slower than the
+    best). onnxruntime's default (``"all"``, whole batch) is kept unless another pair is at least 5%
+    faster, so noise does not flip the choice. A lane graph is first checked against the plain graph on
+    the tiled batch (same argmax, logits within float tolerance; else it is dropped and the reason
+    recorded in ``item["lanes_refused"]``). Each candidate is timed in a block of its own after one
+    warm-up run (then at least ``repeats`` runs and 0.05 s): interleaving different sessions call by
+    call lets the spin-waiting threads of one slow down the next (see
+    :func:`moco.bench.harness.compare`). The measured medians (seconds) are recorded beside the choice:
+    ``measured_s`` per session setting on the whole batch, ``micro_batch_measured_s`` per micro-batch
+    with the chosen setting, ``lanes_measured_s`` per lane batch.
     """
     from moco.deploy.runtime import MICRO_BATCHES, _Graph
 
@@ -518,17 +532,27 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
     def graph(config: dict) -> "_Graph":
         return _Graph(work / item["file"], threads, config["optimization"], config["disabled_optimizers"])
 
-    for item, x in zip(items, inputs):
+    for k, (item, x) in enumerate(zip(items, inputs)):
         big = np.ascontiguousarray(np.resize(x, (micro_samples, *x.shape[1:])))  # the example repeated
         probe = graph(SESSION_CONFIGS["all"])
         probe(big[:max_batch])
         t0 = time.perf_counter()
-        probe(big)
+        reference = probe(big)[0]
         cheap = time.perf_counter() - t0 <= budget_s
         del probe
         timed = big if cheap else np.ascontiguousarray(x[:max_batch])
         graphs = {name: graph(c) for name, c in SESSION_CONFIGS.items()}
-        pairs = [(name, m) for name in SESSION_CONFIGS for m in (MICRO_BATCHES if cheap else (None,))]
+        pairs: list[tuple] = [(name, m) for name in SESSION_CONFIGS for m in (MICRO_BATCHES if cheap else (None,))]
+        lane_items = dict(lanes[k]) if k < len(lanes) and cheap else {}
+        for n, lane in list(lane_items.items()):
+            runner = graph(SESSION_CONFIGS["all"]).attach_lanes(work / lane["file"], n)
+            problem = _lanes_problem(reference, runner(big)[0])
+            if problem:
+                item.setdefault("lanes_refused", {})[str(n)] = problem
+                del lane_items[n]
+                continue
+            graphs[f"lanes{n}"] = runner
+            pairs.append((f"lanes{n}", None))
         times: dict[tuple, list[float]] = {pair: [] for pair in pairs}
         for r in range(rounds if cheap else 1):
             shift = r * len(pairs) // max(rounds, 1)
@@ -537,18 +561,61 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
                 times[(name, m)] += block(graphs[name], timed)
         del graphs
         medians = {pair: float(np.median(t)) for pair, t in times.items()}
-        best = min(medians, key=medians.get)
-        choice, micro = best if medians[best] < 0.95 * medians[("all", None)] else ("all", None)
-        micro_s = {str(m): medians[(c, m)] for c, m in pairs if c == choice} if cheap else {}
+        plain = {pair: t for pair, t in medians.items() if pair[0] in SESSION_CONFIGS}
+        best = min(plain, key=plain.get)
+        choice, micro = best if plain[best] < 0.95 * plain[("all", None)] else ("all", None)
+        micro_s = {str(m): plain[(c, m)] for c, m in plain if c == choice} if cheap else {}
         item["session"] = {**SESSION_CONFIGS[choice], "name": choice,
-                           "measured_s": {name: medians[(name, None)] for name in SESSION_CONFIGS},
+                           "measured_s": {name: plain[(name, None)] for name in SESSION_CONFIGS},
                            "batch": int(len(timed)), "micro_batch": micro, "micro_batch_measured_s": micro_s}
+        if lane_items:
+            lane_s = {n: medians[(f"lanes{n}", None)] for n in lane_items}
+            item["session"]["lanes_measured_s"] = {str(n): t for n, t in lane_s.items()}
+            n = min(lane_s, key=lane_s.get)
+            if lane_s[n] < 0.95 * plain[(choice, micro)]:
+                item["lanes"] = {**lane_items[n], "batch": int(n)}
 
 
-def _session_name(session: dict) -> str:
-    """``"all"``, ``"all-no-nchwc, micro-batch 256"``, ...: the tuned settings of one graph in words."""
+def _lanes_problem(reference: np.ndarray, got: np.ndarray) -> str | None:
+    """Why a lane graph's logits cannot stand in for the plain graph's (None: they can)."""
+    if got.shape != reference.shape:
+        return f"output shape {got.shape}, the plain graph's is {reference.shape}"
+    scale = float(np.abs(reference).max()) or 1.0
+    worst = float(np.abs(got - reference).max())
+    if worst > 1e-4 * scale + 1e-5:
+        return f"logits differ by up to {worst:.3g} (scale {scale:.3g})"
+    if not np.array_equal(got.argmax(1), reference.argmax(1)):
+        return "argmax differs from the plain graph's"
+    return None
+
+
+def _lane_graphs(net: nn.Module, example: torch.Tensor, work: Path, stem: str) -> dict[int, dict]:
+    """The fixed-batch lane graphs of a plain model (:func:`moco.deploy.lanes.lane_model`) for each of
+    :data:`LANE_BATCHES`, written to ``work``: ``{batch: {"file", "sha256"}}`` (empty when the model has
+    no few-channel convolution chain to rewrite, or a lane graph fails to export)."""
+    from moco.deploy.lanes import lane_model
+
+    out: dict[int, dict] = {}
+    for n in LANE_BATCHES:
+        module = lane_model(net, n, example)
+        if module is None:
+            break
+        tiled = example[torch.arange(n) % len(example)]
+        name = f"{stem}.lanes{n}.onnx"
+        try:
+            export_onnx(module, tiled, work / name, output_names=("logits",), dynamic_batch=False)
+        except RuntimeError:  # the plain graph still runs; the lanes are only an optimisation
+            break
+        out[n] = {"file": name, "sha256": file_sha256(work / name)}
+    return out
+
+
+def _session_name(item: dict) -> str:
+    """``"all"``, ``"all-no-nchwc, micro-batch 256"``, ``"lanes 64 (rest: all)"``: one graph's tuned settings in words."""
+    session = item.get("session") or {}
     name = session.get("name", "all")
-    return name + (f", micro-batch {session['micro_batch']}" if session.get("micro_batch") else "")
+    name += f", micro-batch {session['micro_batch']}" if session.get("micro_batch") else ""
+    return f"lanes {item['lanes']['batch']} (rest: {name})" if item.get("lanes") else name
 
 
 def _check_tolerance(tolerance: Any) -> float:
@@ -622,7 +689,9 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
         tune_inputs = _graph_inputs(fp32, kind, example.numpy(), batch=len(example))
         if tune:
-            _tune(work, files, [g[0] for g in tune_inputs], intra_op_num_threads)
+            lanes = [_lane_graphs(net, example, work, Path(files[0]["file"]).stem)] if kind == "model" and not single \
+                else []
+            _tune(work, files, [g[0] for g in tune_inputs], intra_op_num_threads, lanes=lanes)
         if kind != "model":
             _add_fused(work, manifest, "fp32", net)
         if tune or kind != "model":
@@ -663,7 +732,7 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         graphs = {p: {i["file"]: (work / i["file"]).stat().st_size for i in items}
                   for p, items in manifest["graphs"].items()}
         precision = "int8" if "int8" in manifest["graphs"] else "fp32"
-        sessions = {p: {i["file"]: _session_name(i.get("session", {})) for i in items}
+        sessions = {p: {i["file"]: _session_name(i) for i in items}
                     for p, items in manifest["graphs"].items()}
         _install(work, path, single, manifest)
     return ExportResult(path=path, kind=kind, precision=precision, graphs=graphs, exporter="; ".join(exporters), fp32=check32,
@@ -740,7 +809,8 @@ def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
         raise MocoError(f"{path} exists and is not a folder; pass a folder path (or *.onnx for a plain model)")
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)  # a reader never sees a manifest naming half-copied graphs
-    for items in [*manifest["graphs"].values(), list((manifest.get("fused") or {}).values())]:
+    lanes = [i["lanes"] for items in manifest["graphs"].values() for i in items if i.get("lanes")]
+    for items in [*manifest["graphs"].values(), list((manifest.get("fused") or {}).values()), lanes]:
         for item in items:
             tmp = path / f".{item['file']}.tmp"
             shutil.copyfile(work / item["file"], tmp)

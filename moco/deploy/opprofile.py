@@ -116,6 +116,7 @@ def op_profile(path: str | Path, x: Any, *, runs: int = 10, warmup: int = 2, pre
     runs, warmup = _check_runs(runs, warmup)
     runtime = load(path, precision=precision, intra_op_num_threads=intra_op_num_threads)
     graphs = list(runtime.graphs) + ([runtime.fused] if runtime.fused is not None else [])
+    graphs += [g.lanes for g in graphs if g.lanes is not None]  # a plain model's lane graph (moco.deploy.lanes)
     with tempfile.TemporaryDirectory(prefix="moco-opprofile-") as tmp:
         for i, graph in enumerate(graphs):  # the runtime is our own: its sessions are swapped, nobody else's
             graph.session = _session(graph.path, graph.threads, graph.optimization, graph.disabled_optimizers,
