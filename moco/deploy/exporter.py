@@ -490,7 +490,7 @@ def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dic
 
 def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 3,
           max_batch: int = 64, micro_samples: int = 1024, budget_s: float = 0.1, rounds: int = 3,
-          lanes: Sequence[dict[int, dict]] = ()) -> None:
+          lanes: Sequence[dict[int, dict]] = (), settle_s: float = 0.03) -> None:
     """Set ``item["session"]`` of each graph to the fastest pair of :data:`SESSION_CONFIGS` and
     :data:`MICRO_BATCHES`, timed on its example input; with ``lanes`` (per item: ``{batch: lane graph
     item}``, see :mod:`moco.deploy.lanes`) the lane graphs compete too and the winner, if any, becomes
@@ -511,16 +511,20 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
     best). onnxruntime's default (``"all"``, whole batch) is kept unless another pair is at least 5%
     faster, so noise does not flip the choice. A lane graph is first checked against the plain graph on
     the tiled batch (same argmax, logits within float tolerance; else it is dropped and the reason
-    recorded in ``item["lanes_refused"]``). Each candidate is timed in a block of its own after one
-    warm-up run (then at least ``repeats`` runs and 0.05 s): interleaving different sessions call by
-    call lets the spin-waiting threads of one slow down the next (see
-    :func:`moco.bench.harness.compare`). The measured medians (seconds) are recorded beside the choice:
+    recorded in ``item["lanes_refused"]``). Each candidate is timed in a block of its own, after
+    ``settle_s`` seconds of sleep and one warm-up run (then at least ``repeats`` runs and 0.05 s):
+    interleaving different sessions call by call lets the spin-waiting threads of one slow down the next
+    (see :func:`moco.bench.harness.compare`), and they spin for some 10-30 ms after a session's last
+    call: without the pause the lane graph of seed 003's pruned model (35 small parallel nodes) timed
+    7.5 ms per 1,024 images right after another session's block, 3.3-4.2 ms after 0.03-0.05 s (the
+    plain graphs 7.5-8.5 ms either way), and the tuner kept the slower plain graph. The measured medians (seconds) are recorded beside the choice:
     ``measured_s`` per session setting on the whole batch, ``micro_batch_measured_s`` per micro-batch
     with the chosen setting, ``lanes_measured_s`` per lane batch.
     """
     from moco.deploy.runtime import MICRO_BATCHES, _Graph
 
     def block(fn, x) -> list[float]:
+        time.sleep(settle_s)
         fn(x)
         times: list[float] = []
         while len(times) < repeats or sum(times) < 0.05:  # sub-millisecond runs need many to be stable
