@@ -39,7 +39,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,11 +52,12 @@ from moco.io import write_json_atomic
 __all__ = ["Check", "ExportResult", "export", "export_onnx"]
 
 TOLERANCE = 1e-4
+"""Default relative tolerance of a score near its threshold: ``|score - t| <= tol * (1 + |t|)``."""
+
 #: fixed batches of the lane graphs (:mod:`moco.deploy.lanes`) a plain model's export times: on seed 003's
 #: pruned fashion_cnn (2026-12-03, AVX-512, 2 threads, 1,000 images) chunks of 64, 128 and 256 ran within
 #: noise of each other, 1.7x faster than the best plain setting; a whole-batch lane graph of 1,000, 1.2x.
 LANE_BATCHES = (64, 256)
-"""Default relative tolerance of a score near its threshold: ``|score - t| <= tol * (1 + |t|)``."""
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -490,11 +491,12 @@ def _recheck(obj, runtime, x: torch.Tensor, y: torch.Tensor, calibration) -> dic
 
 def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int, repeats: int = 3,
           max_batch: int = 64, micro_samples: int = 1024, budget_s: float = 0.1, rounds: int = 3,
-          lanes: Sequence[dict[int, dict]] = (), settle_s: float = 0.03) -> None:
+          lanes: Sequence[dict[int, dict] | Callable[[], dict[int, dict]]] = (), settle_s: float = 0.03) -> None:
     """Set ``item["session"]`` of each graph to the fastest pair of :data:`SESSION_CONFIGS` and
     :data:`MICRO_BATCHES`, timed on its example input; with ``lanes`` (per item: ``{batch: lane graph
-    item}``, see :mod:`moco.deploy.lanes`) the lane graphs compete too and the winner, if any, becomes
-    ``item["lanes"]``.
+    item}``, or a function writing the lane graphs and returning that, called only for a graph cheap
+    enough to try them; see :mod:`moco.deploy.lanes`) the lane graphs compete too and the winner, if
+    any, becomes ``item["lanes"]``.
 
     The example is tiled to ``micro_samples`` samples (a throughput batch: the settings that win at 64
     samples can lose at 1,000, e.g. fashion_cnn chose ``"extended"`` at 64 samples, 2 threads, and ran
@@ -517,9 +519,9 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
     (see :func:`moco.bench.harness.compare`), and they spin for some 10-30 ms after a session's last
     call: without the pause the lane graph of seed 003's pruned model (35 small parallel nodes) timed
     7.5 ms per 1,024 images right after another session's block, 3.3-4.2 ms after 0.03-0.05 s (the
-    plain graphs 7.5-8.5 ms either way), and the tuner kept the slower plain graph. The measured medians (seconds) are recorded beside the choice:
-    ``measured_s`` per session setting on the whole batch, ``micro_batch_measured_s`` per micro-batch
-    with the chosen setting, ``lanes_measured_s`` per lane batch.
+    plain graphs 7.5-8.5 ms either way), and the tuner kept the slower plain graph. The measured medians
+    (seconds) are recorded beside the choice: ``measured_s`` per session setting on the whole batch,
+    ``micro_batch_measured_s`` per micro-batch with the chosen setting, ``lanes_measured_s`` per lane batch.
     """
     from moco.deploy.runtime import MICRO_BATCHES, _Graph
 
@@ -547,7 +549,8 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
         timed = big if cheap else np.ascontiguousarray(x[:max_batch])
         graphs = {name: graph(c) for name, c in SESSION_CONFIGS.items()}
         pairs: list[tuple] = [(name, m) for name in SESSION_CONFIGS for m in (MICRO_BATCHES if cheap else (None,))]
-        lane_items = dict(lanes[k]) if k < len(lanes) and cheap else {}
+        spec = lanes[k] if k < len(lanes) and cheap else {}  # a slow graph gets no lane graphs written at all
+        lane_items = dict(spec() if callable(spec) else spec)
         for n, lane in list(lane_items.items()):
             runner = graph(SESSION_CONFIGS["all"]).attach_lanes(work / lane["file"], n)
             problem = _lanes_problem(reference, runner(big)[0])
@@ -693,8 +696,8 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
         tune_inputs = _graph_inputs(fp32, kind, example.numpy(), batch=len(example))
         if tune:
-            lanes = [_lane_graphs(net, example, work, Path(files[0]["file"]).stem)] if kind == "model" and not single \
-                else []
+            stem = Path(files[0]["file"]).stem
+            lanes = [lambda: _lane_graphs(net, example, work, stem)] if kind == "model" and not single else []
             _tune(work, files, [g[0] for g in tune_inputs], intra_op_num_threads, lanes=lanes)
         if kind != "model":
             _add_fused(work, manifest, "fp32", net)

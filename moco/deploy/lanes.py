@@ -244,7 +244,8 @@ def lane_model(model: nn.Module, batch: int, example: torch.Tensor, *, max_pairs
     steps: list[nn.Module] = []
     chain: list[fx.Node] = []
     channels = int(example.shape[1])
-    convs, flat, prev, last_conv = 0, False, inputs[0], None
+    convs, flat, prev = 0, False, inputs[0]
+    source: nn.Conv2d | None = None  # the convolution of the last step, while that step is one (BN folds into it)
     while len(prev.users) == 1:
         node = next(iter(prev.users))
         what = _step(node, prev, modules, max_pairs)
@@ -253,21 +254,16 @@ def lane_model(model: nn.Module, batch: int, example: torch.Tensor, *, max_pairs
         if isinstance(what, nn.Conv2d):
             if what.in_channels != channels:
                 break
-            last_conv = _Conv(what, batch, what.weight.detach(), None if what.bias is None else what.bias.detach())
-            last_conv._source = what  # noqa: SLF001 - kept for folding a following BatchNorm
-            steps.append(last_conv)
-            channels, convs = what.out_channels, convs + 1
+            steps.append(_Conv(what, batch, what.weight.detach(), None if what.bias is None else what.bias.detach()))
+            channels, convs, source = what.out_channels, convs + 1, what
         elif isinstance(what, nn.BatchNorm2d):
             if what.num_features != channels:
                 break
-            if steps and steps[-1] is last_conv:  # fold into the convolution just before
-                src = last_conv._source  # noqa: SLF001
+            if source is not None:  # fold into the convolution just before
                 scale, shift = _bn_affine(what)
-                weight = src.weight.detach() * scale.view(-1, 1, 1, 1)
-                bias = (src.bias.detach() if src.bias is not None else torch.zeros_like(scale)) * scale + shift
-                last_conv = _Conv(src, batch, weight, bias)
-                last_conv._source = src  # noqa: SLF001
-                steps[-1] = last_conv
+                weight = source.weight.detach() * scale.view(-1, 1, 1, 1)
+                bias = (source.bias.detach() if source.bias is not None else torch.zeros_like(scale)) * scale + shift
+                steps[-1] = _Conv(source, batch, weight, bias)
             else:
                 steps.append(_Affine(what))
         elif isinstance(what, nn.Module):
@@ -284,13 +280,12 @@ def lane_model(model: nn.Module, batch: int, example: torch.Tensor, *, max_pairs
             break
         else:
             steps.append(_Each(_apply(what)))
+        if not isinstance(what, nn.Conv2d):
+            source = None
         chain.append(node)
         prev = node
     if not convs:
         return None
-    for step in steps:
-        if isinstance(step, _Conv):
-            del step._source  # noqa: SLF001
     stack = LaneStack(steps, batch, int(example.shape[1]), flat)
     gm.add_submodule("moco_lanes", stack)
     with gm.graph.inserting_after(inputs[0]):
