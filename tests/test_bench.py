@@ -354,6 +354,8 @@ def test_compare_deployed_times_a_small_model_against_the_original_in_onnxruntim
         assert fp32["accuracy_test"] == float((small(x).argmax(1) == y).float().mean())
     assert fp32["ratio_vs_onnxruntime_fp32"] == cmp.timing("small/deployed-fp32").median_s / cmp.timing("onnxruntime").median_s
     assert [s["stage"] for s in summary["stages"]][0] == "original, ONNX Runtime FP32"
+    # conv 8x9x36 + linear 288x5 MACs against 2x9x36 + 72x5: a quarter, on every stage of the small model
+    assert [s["macs_ratio"] for s in summary["stages"]] == pytest.approx([1.0, 0.25, 0.25, 0.25], rel=1e-6)
     json.dumps(summary)
 
 

@@ -216,7 +216,8 @@ def compare_deployed(original: nn.Module, small: nn.Module, batches: Sequence[to
     (FP32 when none is). Returns ``(summary dict, Comparison)``; the summary holds per precision the
     ratios against the best baseline, the original in ONNX Runtime FP32 and eager, accuracy and
     agreement, plus ``deployed_ratio_vs_best_baseline``, ``deployed_precision``, ``best_baseline``,
-    the export result and ``threads``. ``deploy_dir``: keep the exported folder there (else temporary).
+    the export result, ``threads`` and ``stages`` (each with ``macs_ratio``: the small model's MACs per
+    sample over the original's, from :func:`moco.profile.profile`). ``deploy_dir``: keep the exported folder there (else temporary).
     """
     from moco.bench.harness import compare
 
@@ -244,10 +245,17 @@ def compare_deployed(original: nn.Module, small: nn.Module, batches: Sequence[to
         per[p]["accuracy_drop_points"] = (acc_original - per[p]["accuracy_test"]) * 100
     ok = [p for p, d in per.items() if d["accuracy_drop_points"] <= max_drop_points] or ["fp32"]
     choice = min(ok, key=lambda p: per[p]["median_s"])
-    stages = [{"stage": "original, ONNX Runtime FP32", "ratio": 1.0, "agreement": 1.0, "accuracy": acc_original},
-              {"stage": f"{prefix} model, PyTorch eager", "ratio": cmp.timing(f"{prefix}/eager").median_s / ort},
+    from moco.profile import profile
+
+    one = batches[0][:1]
+    macs_ratio = profile(small, one, latency=False).totals.macs / profile(original, one, latency=False).totals.macs
+    stages = [{"stage": "original, ONNX Runtime FP32", "ratio": 1.0, "agreement": 1.0, "accuracy": acc_original,
+               "macs_ratio": 1.0},
+              {"stage": f"{prefix} model, PyTorch eager", "ratio": cmp.timing(f"{prefix}/eager").median_s / ort,
+               "macs_ratio": macs_ratio},
               *({"stage": f"{prefix} model, deployed {p}", "ratio": d["ratio_vs_onnxruntime_fp32"],
-                 "agreement": d["agreement_test"], "accuracy": d["accuracy_test"]} for p, d in per.items())]
+                 "agreement": d["agreement_test"], "accuracy": d["accuracy_test"], "macs_ratio": macs_ratio}
+                for p, d in per.items())]
     summary = {"deployed_ratio_vs_best_baseline": per[choice]["ratio_vs_best_baseline"],
                "deployed_ratio_vs_onnxruntime_fp32": per[choice]["ratio_vs_onnxruntime_fp32"],
                "deployed_precision": choice, "deployed_accuracy_test": per[choice]["accuracy_test"],
