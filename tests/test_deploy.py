@@ -300,6 +300,27 @@ def test_op_profile_shows_where_the_time_goes(exits_net, seed_cnn, x, tmp_path):
             op_profile(tmp_path / "m", x, runs=bad)
 
 
+def test_tuned_export_times_the_fused_graph_itself(exits_net, x, tmp_path):
+    """With tune=True the fused exits graph gets session settings of its own, timed end to end for each
+    candidate (not copied from the first segment), and the runtime built from them gives the same results."""
+    from moco.deploy.runtime import SESSION_CONFIGS
+
+    export(exits_net, tmp_path / "e", x[:8])
+    doc = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    session = doc["fused"]["fp32"]["session"]
+    assert set(session["measured_s"]) == set(SESSION_CONFIGS) and all(v > 0 for v in session["measured_s"].values())
+    assert session["name"] in SESSION_CONFIGS and session["optimization"] == SESSION_CONFIGS[session["name"]]["optimization"]
+    best = min(session["measured_s"], key=session["measured_s"].get)
+    assert session["name"] in ("all", best)  # "all" unless another is at least 5% faster
+    if session["name"] != "all":
+        assert session["measured_s"][best] < 0.95 * session["measured_s"]["all"]
+    fused, segments = load(tmp_path / "e"), load(tmp_path / "e")
+    segments.fused = None
+    (l1, e1), (l2, e2) = fused(x), segments(x)
+    assert (e1 == e2).all()
+    np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_exits_graph_equals_the_segments(exits_net, x, tmp_path):
     """The one-graph exits (one session) gives the segments' logits and exits, for edited thresholds too."""
     export(exits_net, tmp_path / "e", x[:8], tune=False)

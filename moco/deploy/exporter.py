@@ -503,8 +503,12 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
     1.5x slower with it at 1,024; on 512 samples the lane graphs of seed 003's pruned model ran within
     noise of the plain ones, on 1,024 and more 1.5-2x faster). When one call on that batch takes longer
     than ``budget_s`` seconds (a compute-bound graph, where neither choice moves much; the export stays
-    quick) the settings are timed once each on at most ``max_batch`` samples instead and no micro-batch
-    or lane graph is tried.
+    quick) the settings are timed on at most ``max_batch`` samples instead and no micro-batch or lane
+    graph is tried; still in ``rounds`` rounds unless one call on those samples also takes longer than
+    ``budget_s`` (then once each). One round was not enough: compose-fashion's compressed vgg_bn timed
+    4.8-9.3 ms per 64 samples with ``"all"`` in three exports and 13-14 ms with the others, and a single
+    slow block made the tuner choose ``"all-no-nchwc"``, 3.5x slower at batch 256 (423 ms against 122 ms
+    for 1,536 images; 0.617 of the original in ORT instead of 0.262).
     Otherwise every pair (session settings, micro-batch) is timed, jointly because they interact (seed
     003's pruned fashion_cnn: NCHWc loses on the whole batch and wins in chunks of 256, its padded
     activations leave the cache), in ``rounds`` rounds that visit the pairs in a rotated order, and
@@ -526,14 +530,7 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
     from moco.deploy.runtime import MICRO_BATCHES, _Graph
 
     def block(fn, x) -> list[float]:
-        time.sleep(settle_s)
-        fn(x)
-        times: list[float] = []
-        while len(times) < repeats or sum(times) < 0.05:  # sub-millisecond runs need many to be stable
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-        return times
+        return _timed_block(fn, x, repeats, settle_s)
 
     def graph(config: dict) -> "_Graph":
         return _Graph(work / item["file"], threads, config["optimization"], config["disabled_optimizers"])
@@ -543,8 +540,12 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
         probe = graph(SESSION_CONFIGS["all"])
         probe(big[:max_batch])
         t0 = time.perf_counter()
+        probe(big[:max_batch])
+        small_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         reference = probe(big)[0]
         cheap = time.perf_counter() - t0 <= budget_s
+        n_rounds = rounds if small_s <= budget_s else 1  # one round only where a single call is slow
         del probe
         timed = big if cheap else np.ascontiguousarray(x[:max_batch])
         graphs = {name: graph(c) for name, c in SESSION_CONFIGS.items()}
@@ -561,8 +562,8 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
             graphs[f"lanes{n}"] = runner
             pairs.append((f"lanes{n}", None))
         times: dict[tuple, list[float]] = {pair: [] for pair in pairs}
-        for r in range(rounds if cheap else 1):
-            shift = r * len(pairs) // max(rounds, 1)
+        for r in range(n_rounds):
+            shift = r * len(pairs) // max(n_rounds, 1)
             for name, m in pairs[shift:] + pairs[:shift]:
                 graphs[name].micro_batch = m
                 times[(name, m)] += block(graphs[name], timed)
@@ -581,6 +582,67 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
             n = min(lane_s, key=lane_s.get)
             if lane_s[n] < 0.95 * plain[(choice, micro)]:
                 item["lanes"] = {**lane_items[n], "batch": int(n)}
+
+
+def _timed_block(fn: Callable, x: np.ndarray, repeats: int, settle_s: float) -> list[float]:
+    """Seconds per call of ``fn(x)``, timed in one block: ``settle_s`` seconds of sleep (the threads of the
+    session timed before stop spinning), one warm-up call, then at least ``repeats`` calls and 0.05 s."""
+    time.sleep(settle_s)
+    fn(x)
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < 0.05:  # sub-millisecond runs need many to be stable
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _tune_fused(work: Path, manifest: dict, precision: str, x: np.ndarray, threads: int, *, samples: int = 1024,
+                budget_s: float = 0.1, max_batch: int = 64, repeats: int = 3, rounds: int = 3,
+                settle_s: float = 0.03) -> None:
+    """Time the fused graph of ``precision`` (``manifest["fused"]``) with each of :data:`SESSION_CONFIGS`,
+    end to end through the runtime on the example ``x`` tiled to ``samples`` samples (its own exit mix),
+    and record the fastest in its ``session`` (``"all"`` unless another is at least 5% faster).
+
+    Why not the first graph's settings: the fused graph runs every segment in one session, and the first
+    segment's choice can be wrong for the rest. Measured 2026-12-03 (compose-fashion, vgg_bn exits, 2
+    threads): with segment0 tuned to ``"extended"`` the fused exits ran at 0.392 of the original in ORT at
+    batch 256, in the run before with ``"all"`` at 0.180. Like :func:`_tune`: rotated rounds, one block
+    per candidate after a pause, the median of all runs; a call slower than ``budget_s`` on the tiled batch
+    is timed on ``max_batch`` samples instead (in one round only if a call on those is slow too).
+    """
+    from moco.deploy.runtime import _Graph
+
+    entry = (manifest.get("fused") or {}).get(precision)
+    if entry is None:
+        return
+    write_json_atomic(work / MANIFEST, manifest)  # the runtime below reads this precision's graphs from it
+    runtime = load(work, precision=precision, intra_op_num_threads=threads)
+    big = np.ascontiguousarray(np.resize(x, (samples, *x.shape[1:])))
+    runtime.fused = _Graph(work / entry["file"], threads, "all")
+    runtime(big[:max_batch])
+    t0 = time.perf_counter()
+    runtime(big[:max_batch])
+    small_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runtime(big)
+    cheap = time.perf_counter() - t0 <= budget_s
+    timed = big if cheap else np.ascontiguousarray(big[:max_batch])
+    n_rounds = rounds if small_s <= budget_s else 1
+    graphs = {name: _Graph(work / entry["file"], threads, c["optimization"], c["disabled_optimizers"])
+              for name, c in SESSION_CONFIGS.items()}
+    names = list(graphs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(n_rounds):
+        shift = r * len(names) // max(n_rounds, 1)
+        for name in names[shift:] + names[:shift]:
+            runtime.fused = graphs[name]
+            times[name] += _timed_block(runtime, timed, repeats, settle_s)
+    del graphs, runtime
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    best = min(medians, key=medians.get)
+    choice = best if medians[best] < 0.95 * medians["all"] else "all"
+    entry["session"] = {**SESSION_CONFIGS[choice], "name": choice, "measured_s": medians, "batch": int(len(timed))}
 
 
 def _lanes_problem(reference: np.ndarray, got: np.ndarray) -> str | None:
@@ -701,6 +763,8 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
             _tune(work, files, [g[0] for g in tune_inputs], intra_op_num_threads, lanes=lanes)
         if kind != "model":
             _add_fused(work, manifest, "fp32", net)
+            if tune:
+                _tune_fused(work, manifest, "fp32", example.numpy(), intra_op_num_threads)
         if tune or kind != "model":
             write_json_atomic(work / MANIFEST, manifest)
             fp32 = load(work, precision="fp32", intra_op_num_threads=intra_op_num_threads)
@@ -721,6 +785,8 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
             manifest["graphs"]["int8"] = items8
             if kind != "model":
                 _add_fused(work, manifest, "int8", net)
+                if tune:
+                    _tune_fused(work, manifest, "int8", example.numpy(), intra_op_num_threads)
             write_json_atomic(work / MANIFEST, manifest)
             rt8 = load(work, precision="int8", intra_op_num_threads=intra_op_num_threads)
             got8 = _run(rt8, kind, xs)
@@ -770,7 +836,8 @@ def _manifest(net, kind: str, example: torch.Tensor, graphs: dict) -> dict[str, 
 
 def _add_fused(work: Path, manifest: dict, precision: str, net) -> None:
     """Fuse the graphs of ``precision`` of an exits or branched network into one (:mod:`moco.deploy.fuse`)
-    and record it in ``manifest["fused"]``; its session settings are the first graph's (the bulk of the work)."""
+    and record it in ``manifest["fused"]``; its session settings start as the first graph's (the bulk of the
+    work) and, with ``tune=True``, are timed for the fused graph itself (:func:`_tune_fused`)."""
     from moco.deploy.fuse import fuse_branched, fuse_exits
 
     items = manifest["graphs"][precision]
