@@ -217,7 +217,8 @@ def compare_deployed(original: nn.Module, small: nn.Module, batches: Sequence[to
     ratios against the best baseline, the original in ONNX Runtime FP32 and eager, accuracy and
     agreement, plus ``deployed_ratio_vs_best_baseline``, ``deployed_precision``, ``best_baseline``,
     the export result, ``threads`` and ``stages`` (each with ``macs_ratio``: the small model's MACs per
-    sample over the original's, from :func:`moco.profile.profile`). ``deploy_dir``: keep the exported folder there (else temporary).
+    sample over the original's, from :func:`moco.profile.profile`). ``deploy_dir``: keep the exported
+    folder there (else temporary).
     """
     from moco.bench.harness import compare
 

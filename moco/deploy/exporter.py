@@ -529,24 +529,14 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
     """
     from moco.deploy.runtime import MICRO_BATCHES, _Graph
 
-    def block(fn, x) -> list[float]:
-        return _timed_block(fn, x, repeats, settle_s)
-
     def graph(config: dict) -> "_Graph":
         return _Graph(work / item["file"], threads, config["optimization"], config["disabled_optimizers"])
 
     for k, (item, x) in enumerate(zip(items, inputs)):
         big = np.ascontiguousarray(np.resize(x, (micro_samples, *x.shape[1:])))  # the example repeated
-        probe = graph(SESSION_CONFIGS["all"])
-        probe(big[:max_batch])
-        t0 = time.perf_counter()
-        probe(big[:max_batch])
-        small_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        reference = probe(big)[0]
-        cheap = time.perf_counter() - t0 <= budget_s
+        small_s, big_s, out = _probe_costs(graph(SESSION_CONFIGS["all"]), big, max_batch)
+        reference, cheap = out[0], big_s <= budget_s
         n_rounds = rounds if small_s <= budget_s else 1  # one round only where a single call is slow
-        del probe
         timed = big if cheap else np.ascontiguousarray(x[:max_batch])
         graphs = {name: graph(c) for name, c in SESSION_CONFIGS.items()}
         pairs: list[tuple] = [(name, m) for name in SESSION_CONFIGS for m in (MICRO_BATCHES if cheap else (None,))]
@@ -561,17 +551,14 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
                 continue
             graphs[f"lanes{n}"] = runner
             pairs.append((f"lanes{n}", None))
-        times: dict[tuple, list[float]] = {pair: [] for pair in pairs}
-        for r in range(n_rounds):
-            shift = r * len(pairs) // max(n_rounds, 1)
-            for name, m in pairs[shift:] + pairs[:shift]:
-                graphs[name].micro_batch = m
-                times[(name, m)] += block(graphs[name], timed)
+        def call(pair):
+            graphs[pair[0]].micro_batch = pair[1]
+            return graphs[pair[0]]
+
+        medians = _rotated_medians(pairs, call, timed, n_rounds, repeats, settle_s)
         del graphs
-        medians = {pair: float(np.median(t)) for pair, t in times.items()}
         plain = {pair: t for pair, t in medians.items() if pair[0] in SESSION_CONFIGS}
-        best = min(plain, key=plain.get)
-        choice, micro = best if plain[best] < 0.95 * plain[("all", None)] else ("all", None)
+        choice, micro = _default_unless_faster(plain, ("all", None))
         micro_s = {str(m): plain[(c, m)] for c, m in plain if c == choice} if cheap else {}
         item["session"] = {**SESSION_CONFIGS[choice], "name": choice,
                            "measured_s": {name: plain[(name, None)] for name in SESSION_CONFIGS},
@@ -597,6 +584,37 @@ def _timed_block(fn: Callable, x: np.ndarray, repeats: int, settle_s: float) -> 
     return times
 
 
+def _probe_costs(fn: Callable, big: np.ndarray, max_batch: int) -> tuple[float, float, Any]:
+    """``(seconds of one call on max_batch samples, seconds of one call on big, that call's output)``, after
+    a warm-up call."""
+    fn(big[:max_batch])
+    t0 = time.perf_counter()
+    fn(big[:max_batch])
+    small_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = fn(big)
+    return small_s, time.perf_counter() - t0, out
+
+
+def _rotated_medians(candidates: list, call: Callable[[Any], Callable], x: np.ndarray, rounds: int, repeats: int,
+                     settle_s: float) -> dict[Any, float]:
+    """Median seconds per call of ``call(c)(x)`` for each candidate: ``rounds`` rounds that visit the
+    candidates in a rotated order, one :func:`_timed_block` each, the median over all of a candidate's runs."""
+    times: dict[Any, list[float]] = {c: [] for c in candidates}
+    for r in range(rounds):
+        shift = r * len(candidates) // max(rounds, 1)
+        for c in candidates[shift:] + candidates[:shift]:
+            times[c] += _timed_block(call(c), x, repeats, settle_s)
+    return {c: float(np.median(t)) for c, t in times.items()}
+
+
+def _default_unless_faster(medians: dict, default: Any, margin: float = 0.95) -> Any:
+    """The fastest candidate if it takes under ``margin`` of ``default``'s time, else ``default`` (noise does
+    not flip the choice)."""
+    best = min(medians, key=medians.get)
+    return best if medians[best] < margin * medians[default] else default
+
+
 def _tune_fused(work: Path, manifest: dict, precision: str, x: np.ndarray, threads: int, *, samples: int = 1024,
                 budget_s: float = 0.1, max_batch: int = 64, repeats: int = 3, rounds: int = 3,
                 settle_s: float = 0.03) -> None:
@@ -619,29 +637,18 @@ def _tune_fused(work: Path, manifest: dict, precision: str, x: np.ndarray, threa
     write_json_atomic(work / MANIFEST, manifest)  # the runtime below reads this precision's graphs from it
     runtime = load(work, precision=precision, intra_op_num_threads=threads)
     big = np.ascontiguousarray(np.resize(x, (samples, *x.shape[1:])))
-    runtime.fused = _Graph(work / entry["file"], threads, "all")
-    runtime(big[:max_batch])
-    t0 = time.perf_counter()
-    runtime(big[:max_batch])
-    small_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    runtime(big)
-    cheap = time.perf_counter() - t0 <= budget_s
-    timed = big if cheap else np.ascontiguousarray(big[:max_batch])
-    n_rounds = rounds if small_s <= budget_s else 1
     graphs = {name: _Graph(work / entry["file"], threads, c["optimization"], c["disabled_optimizers"])
               for name, c in SESSION_CONFIGS.items()}
-    names = list(graphs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(n_rounds):
-        shift = r * len(names) // max(n_rounds, 1)
-        for name in names[shift:] + names[:shift]:
-            runtime.fused = graphs[name]
-            times[name] += _timed_block(runtime, timed, repeats, settle_s)
+
+    def call(name):
+        runtime.fused = graphs[name]
+        return runtime
+
+    small_s, big_s, _ = _probe_costs(call("all"), big, max_batch)
+    timed = big if big_s <= budget_s else np.ascontiguousarray(big[:max_batch])
+    medians = _rotated_medians(list(graphs), call, timed, rounds if small_s <= budget_s else 1, repeats, settle_s)
     del graphs, runtime
-    medians = {name: float(np.median(t)) for name, t in times.items()}
-    best = min(medians, key=medians.get)
-    choice = best if medians[best] < 0.95 * medians["all"] else "all"
+    choice = _default_unless_faster(medians, "all")
     entry["session"] = {**SESSION_CONFIGS[choice], "name": choice, "measured_s": medians, "batch": int(len(timed))}
 
 
