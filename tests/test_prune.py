@@ -465,3 +465,19 @@ def test_iterative_pruner_round_to_leaves_multiples(task):
     assert step(40, 3, round_to="auto") == 8  # 37 left -> 32 with a block of 8 or 16
     with pytest.raises(MocoError, match="round_to must be"):
         IterativePruner(["5"], round_to=-8).fit(model, train, val)
+
+
+def test_iterative_pruner_with_a_layernorm_after_the_pruned_layer_returns_the_smaller_model():
+    # zeroed outputs of fc would enter the LayerNorm's mean and variance: no zero-masked model is the smaller one,
+    # so model_ is None (with a warning) and small_, which was evaluated and retrained at every step, is the result
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 16), nn.LayerNorm(16),
+                          nn.ReLU(), nn.Linear(16, 4))
+    train, val = _quadrant_data(600, 0), _quadrant_data(200, 1)
+    fit(model, train, epochs=2, lr=3e-3, progress=False, seed=0)
+    with pytest.warns(UserWarning, match="no zero-masked twin"):
+        pruner = IterativePruner(["3"], drop_threshold=0.99, step=4, retrain_samples=200, max_steps=1, seed=0,
+                                 example_input=val[0][:2], progress=False).fit(model.eval(), train, val)
+    assert pruner.model_ is None
+    assert pruner.small_[3].out_features == 12 and pruner.small_[4].normalized_shape == (12,)
+    assert evaluate(pruner.small_, val).accuracy == pytest.approx(pruner.accuracy_, abs=1e-9)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -596,9 +597,10 @@ class IterativePruner:
 
     After :meth:`fit`: ``keep_`` (``{layer: kept indices}`` for ``surgery.apply``), ``model_`` (the
     zero-masked, retrained copy at the original size, in eval mode; the caller's model is never
-    modified), ``small_`` (with ``example_input``: the physically smaller retrained model, which
+    modified; None, with a warning, when no zero-masked model computes what the smaller one does, e.g. a
+    LayerNorm over a pruned Linear's outputs takes the zeros into its statistics), ``small_`` (with ``example_input``: the physically smaller retrained model, which
     computes what ``model_`` computes; else None), ``log_`` (tuple of :class:`PruneStep`),
-    ``base_accuracy_``, ``accuracy_`` (validation accuracy of ``model_``), ``units_`` (original units
+    ``base_accuracy_``, ``accuracy_`` (validation accuracy of the result), ``units_`` (original units
     per layer), ``history_`` (``keep`` after every accepted step, for Pareto plots), ``seconds_``.
     """
 
@@ -764,7 +766,15 @@ class IterativePruner:
         self.keep_ = keep_now()
         if physical:
             self.small_ = work
-            self.model_ = masked_equivalent(model, work, self.keep_, example_input=self.example_input).eval()
+            try:
+                self.model_ = masked_equivalent(model, work, self.keep_, example_input=self.example_input).eval()
+            except MocoError as exc:
+                # zeroed units are not absent units for a norm over them (a LayerNorm after a pruned Linear takes
+                # the zeros into its mean and variance): no zero-masked model computes what the smaller one does.
+                # The smaller model is the result; the emulation is only a comparison, so its absence is a warning.
+                self.model_ = None
+                warnings.warn(f"no zero-masked twin of the pruned model: {exc}; model_ is None, small_ is the "
+                              "result", stacklevel=2)
         else:
             self.small_ = None
             self.model_ = work
