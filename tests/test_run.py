@@ -230,3 +230,24 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "is a file" in err
     code, _, err = _run_cli(capsys, "run", str(good), "--set", "9.epochs=1")
     assert code == 2 and "no step 9" in err
+
+
+def _user_net(folder):
+    from moco.specs import resolve_model
+
+    return resolve_model("mynet.py:Net", args={"width": 16}, base_dir=str(folder), require_weights=False).model
+
+
+def test_rules_step_without_a_layer_takes_the_suggested_one(user_model, tmp_path):
+    from moco.run import config_from_dict, run_config
+    from moco.split import split_points
+
+    doc = {"model": {"spec": "mynet.py:Net", "weights": "mynet.pt", "args": {"width": 16}},
+           "data": {"train": "fashion_mnist:train", "test": "fashion_mnist:test", "train_size": 800, "test_size": 200},
+           "measure": {"timing": False},
+           "steps": [{"method": "rules", "max_error": 0.3, "samples": 600}]}
+    run_config(config_from_dict(doc, base_dir=user_model), tmp_path / "o")
+    step = json.loads((tmp_path / "o" / "report.json").read_text())["steps"][0]
+    # the layer came from suggest_layer (the step had crashed on the suggestion's attribute); rules there exit samples
+    assert step["summary"]["layer"] in split_points(_user_net(user_model))
+    assert step["summary"]["coverage_val"] > 0 and step["exit_fractions"][0] > 0

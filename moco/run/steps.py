@@ -304,8 +304,9 @@ def _rules(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     processor = SpatialPool(pooling) if pooling else None
     layer = p["layer"]
     if layer is None:
-        suggestion = suggest_layer(model, x, max_error=float(p["max_error"]), seed=ctx.seed, progress=ctx.progress)
-        layer = suggestion.layer
+        suggestion = suggest_layer(model, x, max_error=float(p["max_error"]), confidence=float(p["confidence"]),
+                                   seed=ctx.seed, progress=ctx.progress)
+        layer = suggestion.best.layer
     feats, preds = build_embeddings_and_predictions(model, x, layer, processor=processor, progress=ctx.progress)
     ae = AnalyticsEngine(feats.reshape(len(feats), -1), {"predictions": preds.argmax(1)}, layer=layer, seed=ctx.seed,
                          progress=ctx.progress)
