@@ -339,3 +339,20 @@ def test_fused_exits_graph_equals_the_segments(exits_net, x, tmp_path):
     (tmp_path / "e" / "exits.onnx").unlink()
     with pytest.raises(MocoError, match="exits.onnx.*missing"):
         load(tmp_path / "e")
+
+
+def test_a_batchnorm1d_before_the_rule_exports_with_one_sample(x, tmp_path):
+    # the head's wrapper must be exported and then run in eval mode: torch.onnx.export restores the wrapper's
+    # mode, and a fresh module is in training mode (a BatchNorm1d then refused a 1-sample batch, and with more
+    # samples used batch statistics)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        model[2].running_mean.normal_(0, 0.5)
+        feats = model[:3](x)
+    net = BranchedNetwork(model, 2, _rules(32, feats))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    res = export(net, tmp_path / "bn", x[:1], check=x, tune=False)
+    assert res.fp32.agreement == 1.0 and res.fp32.decisions == 1.0
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items()) and not net.training

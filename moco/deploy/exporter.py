@@ -138,7 +138,7 @@ def _graphs(obj: nn.Module, kind: str) -> list[tuple[str, nn.Module, tuple[str, 
     if kind == "model":
         return [("model.onnx", obj, ("logits",))]
     if kind == "branched":
-        return [("head.onnx", _HeadWithRule(obj), ("hidden", "mask", "classes")),
+        return [("head.onnx", _HeadWithRule(obj).eval(), ("hidden", "mask", "classes")),
                 ("tail.onnx", obj.tail, ("logits",))]
     out = []
     last = obj.num_exits - 1
@@ -148,7 +148,7 @@ def _graphs(obj: nn.Module, kind: str) -> list[tuple[str, nn.Module, tuple[str, 
         elif obj.thresholds[i] is None:
             out.append((f"segment{i}.onnx", segment, ("hidden",)))
         else:
-            out.append((f"segment{i}.onnx", _SegmentExit(segment, obj.heads[i], obj.criterion),
+            out.append((f"segment{i}.onnx", _SegmentExit(segment, obj.heads[i], obj.criterion).eval(),
                         ("hidden", "logits", "score")))
     return out
 
