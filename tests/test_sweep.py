@@ -127,7 +127,14 @@ def test_grid_sweep_runs_every_point_once_and_writes_the_contract(tmp_path, caps
         # the per-trial config reproduces the point alone
         point = tomllib.loads((folder / "config.toml").read_text())
         assert point["search"]["params"] == {k: [v] for k, v in t.params.items()}
+        assert point["data"]["seed"] == 0 and point["seed"] == t.user_attrs["seed"]
     assert not any(p.name.startswith(".") for p in (out / "trials").iterdir())  # no half-written trial left
+    # run alone, the last point's file gives the trial's numbers: its seed, and the sweep's images (the subsets
+    # are drawn with the data seed; they had been drawn with the point's seed)
+    last = max(trials, key=lambda t: t.user_attrs["seed"])
+    assert last.user_attrs["seed"] == 3
+    alone = run_sweep(out / last.user_attrs["artifacts"] / "config.toml", out=tmp_path / "alone", threads=1)
+    assert alone.trials[0]["values"] == list(last.values)
 
     # the same command again: nothing to do, nothing added
     again = run_sweep(path, out=out, threads=1)

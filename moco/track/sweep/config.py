@@ -8,7 +8,7 @@ Two kinds of sweep. **Training** (seed 003's workflow: train a model per point, 
     spec = "fashion_cnn"               # zoo name | file.py:Name | package.module:Name (as in moco run)
     args = { init = "xavier" }         # fixed constructor arguments
     [data]                             # as in moco run: train, test, normalize, train_size, test_size, root
-    train = "fashion_mnist:train"
+    train = "fashion_mnist:train"      # seed = the subsets' seed (default: the sweep's seed; every trial the same)
     [train]                            # fixed training settings (moco.train.fit)
     epochs = 50                        # the maximum
     target_train_accuracy = 0.9        # stop at the first epoch whose running train accuracy reaches it
@@ -88,7 +88,7 @@ _TRAIN_CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine
 _TOP_KEYS = {"name", "description", "seed", "model", "data", "train", "search", "measure", "track", "quick",
              "pipeline"}
 _MODEL_KEYS = {"spec", "class_path", "args", "init_args", "input_shape"}
-_DATA_KEYS = {"train", "test", "normalize", "train_size", "test_size", "root"}
+_DATA_KEYS = {"train", "test", "normalize", "train_size", "test_size", "root", "seed"}
 _SEARCH_KEYS = {"sampler", "n_trials", "pruner", "pruner_startup_trials", "pruner_warmup_epochs", "objectives",
                 "directions", "label", "population_size", "params"}
 _MEASURE_KEYS = {"latency", "latency_repeats"}
@@ -260,6 +260,13 @@ class SweepConfig:
         return [dict(zip(names, values)) for values in itertools.product(*(p.choices for p in self.params))]
 
     @property
+    def data_seed(self) -> int:
+        """The seed of the training and test subsets: ``[data] seed``, else the sweep's seed (every trial and a
+        trial's own ``config.toml`` see the same images)."""
+        seed = self.data.get("seed")
+        return self.seed if seed is None else int(seed)
+
+    @property
     def grid_size(self) -> int:
         return math.prod(len(p.choices) for p in self.params) if self.sampler == "grid" else 0
 
@@ -312,6 +319,9 @@ class SweepConfig:
         doc.pop("quick", None)
         doc["name"] = f"{self.name}-point"
         doc["seed"] = seed
+        if self.mode != "pipeline":
+            # the trial seed drives the training; the images are the sweep's subsets, drawn with its data seed
+            doc.setdefault("data", {})["seed"] = self.data_seed
         search = doc.setdefault("search", {})
         for k in ("n_trials", "population_size", "pruner", "pruner_startup_trials", "pruner_warmup_epochs"):
             search.pop(k, None)
@@ -587,6 +597,8 @@ def _data(doc: dict, where: str) -> dict[str, Any]:
     out = {"train": d["train"], "test": d.get("test"), "normalize": d.get("normalize"), "root": d.get("root")}
     for key in ("train_size", "test_size"):
         out[key] = _int(d[key], key, f"{where} [data]") if d.get(key) is not None else None
+    if d.get("seed") is not None:  # only when given: the digest of a sweep that started without it stays the same
+        out["seed"] = _int(d["seed"], "seed", f"{where} [data]", 0)
     return out
 
 

@@ -110,8 +110,8 @@ class TrialRunner:
         if test_spec is None:
             raise MocoError("[data] test is required for your own data (an .npz or folder of held-out images)")
         test = resolve_data(test_spec, split="test", root=d.get("root"), base_dir=cfg.base_dir)
-        train = train.subset(d.get("train_size"), cfg.seed)
-        test = test.subset(d.get("test_size"), cfg.seed + 1)
+        train = train.subset(d.get("train_size"), cfg.data_seed)
+        test = test.subset(d.get("test_size"), cfg.data_seed + 1)
         raw_test = test.x
         if d.get("normalize") not in (None, False):
             train = train.normalized(d["normalize"])
