@@ -534,3 +534,9 @@ def test_pfa_loop_on_a_batchnorm_residual_se_model_stops_within_budget():
     assert rounded.keep_ and all(len(v) % 4 == 0 or len(v) == rounded.recipes_[k].original_count  # a small layer
                                  for k, v in rounded.keep_.items())                                # stays whole
     assert any(len(v) < rounded.recipes_[k].original_count for k, v in rounded.keep_.items())
+    # rounding to more units than a layer has keeps it whole: such a fraction is skipped, not fine-tuned for nothing
+    whole = PFALoop(fractions=(0.5, 1.0), max_drop=1.0, finetune_epochs=1, finetune_samples=64, introspect_samples=300,
+                    batch_size=32, round_to=64).fit(model, (x[:400], y[:400]), (x[400:], y[400:]))
+    assert whole.skipped_fractions_ == (0.5, 1.0) and not whole.log_ and whole.fraction_ == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in whole.small_.state_dict().items())
+    assert whole.to_dict()["skipped_fractions"] == [0.5, 1.0]

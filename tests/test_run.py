@@ -251,3 +251,17 @@ def test_rules_step_without_a_layer_takes_the_suggested_one(user_model, tmp_path
     # the layer came from suggest_layer (the step had crashed on the suggestion's attribute); rules there exit samples
     assert step["summary"]["layer"] in split_points(_user_net(user_model))
     assert step["summary"]["coverage_val"] > 0 and step["exit_fractions"][0] > 0
+
+
+def test_pfa_step_whose_rounding_keeps_every_layer_whole_says_so(user_model, tmp_path):
+    from moco.run import config_from_dict, run_config
+
+    doc = {"model": {"spec": "mynet.py:Net", "weights": "mynet.pt", "args": {"width": 16}},
+           "data": {"train": "fashion_mnist:train", "test": "fashion_mnist:test", "train_size": 600, "test_size": 100},
+           "measure": {"timing": False},
+           "steps": [{"method": "pfa", "fractions": [0.5, 1.0], "round_to": 64, "introspect_samples": 200}]}
+    run_config(config_from_dict(doc, base_dir=user_model), tmp_path / "o")
+    step = json.loads((tmp_path / "o" / "report.json").read_text())["steps"][0]
+    assert step["changed"].startswith("nothing: rounding the kept counts to multiples of 64") and "round_to = 1" in (
+        step["changed"])
+    assert step["agreement"] == 1.0  # the model handed on is the original, not a fine-tuned copy of it

@@ -171,7 +171,9 @@ class PFALoop:
     After :meth:`fit`: ``small_`` (the last accepted model, fine-tuned, eval mode), ``keep_`` (its
     ``{layer: kept indices}``), ``fraction_``, ``log_`` (tuple of :class:`PFAStep`), ``recipes_``,
     ``base_accuracy_`` / ``base_loss_`` / ``base_macs_``, ``accuracy_`` / ``loss_`` / ``macs_``,
-    ``dropped_recipes_`` (tied layers whose recipe was left to their group's first layer), ``seconds_``.
+    ``dropped_recipes_`` (tied layers whose recipe was left to their group's first layer),
+    ``skipped_fractions_`` (fractions whose rounded counts removed no unit: not fine-tuned, not logged),
+    ``seconds_``.
     """
 
     def __init__(self, *, strategy: Any = None, unit_strategy: Any = None, layers: Sequence[str] | None = None,
@@ -250,9 +252,15 @@ class PFALoop:
         best, best_keep, best_fraction = copy.deepcopy(model).eval(), {}, 0.0
         best_eval, best_macs = base, base_macs
         log: list[PFAStep] = []
+        whole = {n: len(v) for n, v in partial_keep(chosen, pfa, 0.0, unit_strategy).items()}
+        skipped: list[float] = []
         for step, f in enumerate(fractions):
             t0 = time.perf_counter()
             keep = partial_keep(chosen, pfa, f, unit_strategy, round_to=self.round_to)
+            if all(len(v) == whole[n] for n, v in keep.items()):
+                # rounding (round_to) left every layer whole: fine-tuning would only move the weights for no saving
+                skipped.append(float(f))
+                continue
             small = apply(model, keep, example)
             idx = torch.randperm(len(x_tr), generator=gen)
             if self.finetune_samples is not None:
@@ -276,6 +284,7 @@ class PFALoop:
         self.log_ = tuple(log)
         self.recipes_ = recipes
         self.dropped_recipes_ = tuple(dropped)
+        self.skipped_fractions_ = tuple(skipped)
         self.base_accuracy_, self.base_loss_, self.base_macs_ = base.accuracy, base.loss, int(base_macs)
         self.accuracy_, self.loss_, self.macs_ = best_eval.accuracy, best_eval.loss, int(best_macs)
         self.seconds_ = time.perf_counter() - start
@@ -296,7 +305,7 @@ class PFALoop:
             "base_macs": self.base_macs_, "macs": self.macs_,
             "macs_reduction": self.base_macs_ / self.macs_ if self.macs_ else None,
             "units": {n: len(v) for n, v in self.keep_.items()},
-            "dropped_recipes": list(self.dropped_recipes_),
+            "dropped_recipes": list(self.dropped_recipes_), "skipped_fractions": list(self.skipped_fractions_),
             "steps": [s.to_dict() for s in self.log_], "seconds": self.seconds_,
         }
 
