@@ -481,6 +481,17 @@ def test_layers_named_by_their_conv_are_read_after_the_functional_activation():
     recipes = pfa.get_recipe(strategy=PFA.Strategy.Size(relative_size=0.5))
     small = apply(model, PFA.keep({"conv1": recipes["conv1"]}), x[:1])  # conv2 is tied to conv1 by the add
     assert small(x).shape == (64, 3) and small.conv1.out_channels == recipes["conv1"].recommended_count
+    # every recipe: the tied layers' recipes differ, surgery refuses them; with the model, one per group is kept
+    from moco.compress.surgery import SurgeryError
+
+    assert recipes["conv1"].units_to_keep != recipes["conv2"].units_to_keep
+    with pytest.raises(SurgeryError, match="conflicting keep sets"):
+        apply(model, PFA.keep(recipes), x[:1])
+    keep = PFA.keep(recipes, model=model, example_input=x[:1])
+    assert keep == {"conv1": recipes["conv1"].keep_indices()}
+    assert apply(model, keep, x[:1]).conv2.out_channels == recipes["conv1"].recommended_count
+    with pytest.raises(MocoError, match="both model and example_input"):
+        PFA.keep(recipes, model=model)
     assert not any(m._forward_hooks for m in model.modules())
 
 

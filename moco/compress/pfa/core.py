@@ -468,13 +468,28 @@ class PFA:
         return recipes_chart(recipes, path=path, ax=ax)
 
     @staticmethod
-    def keep(recipes: Mapping[str, PFARecipe], *, rename: Mapping[str, str] | Callable[[str], str] | None = None
-             ) -> dict[str, list[int]]:
+    def keep(recipes: Mapping[str, PFARecipe], *, rename: Mapping[str, str] | Callable[[str], str] | None = None,
+             model: nn.Module | None = None, example_input: Any = None) -> dict[str, list[int]]:
         """``{layer: sorted unit indices}`` for ``moco.compress.surgery.apply(model, keep=...)``.
 
         ``rename`` maps a response name to the module to prune (a dict or a function), e.g. when the
         analysed response is a conv block's ReLU output and the pruned module its ``Conv2d``.
+        ``model`` and ``example_input``: keep one recipe per dependency group (layers tied by a residual
+        add or a depthwise conv must keep the same units; the first layer's recipe is kept, the others
+        follow it in surgery; the output layer's is dropped: :func:`moco.compress.pfa.leader_recipes`).
+        Without them every recipe is kept, and surgery refuses tied layers whose recipes differ.
         """
+        if (model is None) != (example_input is None):
+            raise MocoError("PFA.keep: pass both model and example_input (to keep one recipe per tied group), or "
+                            "neither")
+        if model is not None:
+            from moco.compress.pfa.loop import leader_recipes
+
+            named = {(rename(n) if callable(rename) else (rename.get(n, n) if rename else n)): r
+                     for n, r in recipes.items()}
+            if len(named) != len(recipes):
+                raise MocoError("two recipes map to one layer; rename each response to its own module")
+            recipes, rename = leader_recipes(named, model, example_input)[0], None
         out = {}
         for name, recipe in recipes.items():
             if not isinstance(recipe, PFARecipe):
