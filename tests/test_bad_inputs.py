@@ -206,3 +206,10 @@ def test_fit_refuses_labels_outside_the_model_classes():
         fit(_tiny(), (X, torch.full((64,), 3)), progress=False)
     with pytest.raises(MocoError, match="integer class indices"):
         fit(_tiny(), (X, torch.full((64,), 0.5)), progress=False)
+
+
+def test_evaluate_refuses_labels_outside_the_model_classes():
+    from moco.train import evaluate
+
+    with pytest.raises(MocoError, match=r"3\.\.3.*the model has 3 outputs"):
+        evaluate(_tiny(), (X, torch.full((64,), 3)))

@@ -243,6 +243,11 @@ def test_bad_inputs(seed_cnn, x, tmp_path):
     with pytest.raises(MocoError, match="folder path"):
         export(BranchedNetwork(seed_cnn, 2, _rules(32 * 26 * 26, seed_cnn[:2](x[:8]).flatten(1))),
                tmp_path / "b.onnx", x[:4])
+    with pytest.raises(MocoError, match=r"could not run on example_input of shape \(2, 3, 28, 28\).*shape the model"):
+        export(seed_cnn, tmp_path / "w", torch.rand(2, 3, 28, 28))
+    with pytest.raises(MocoError, match=r"check inputs are \(1, 20, 28\) per sample but example_input is \(1, 28, 28\)"):
+        export(seed_cnn, tmp_path / "w", x[:2], check=torch.rand(4, 1, 20, 28))
+    assert not (tmp_path / "w").exists()
 
 
 def test_runtime_needs_no_torch(exits_net, seed_cnn, x, tmp_path):

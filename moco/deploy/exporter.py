@@ -739,9 +739,17 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         raise MocoError(f"a {kind} network exports to several graphs: pass a folder path, not {path.name}")
     net = copy.deepcopy(obj).eval()
     thresholds = list(net.thresholds) if kind == "exits" else []
+    if x_check is not None and tuple(x_check.shape[1:]) != tuple(example.shape[1:]):
+        raise MocoError(f"check inputs are {tuple(x_check.shape[1:])} per sample but example_input is "
+                        f"{tuple(example.shape[1:])}; pass inputs of the shape the model takes to both")
     xs = example if x_check is None else torch.cat([example, x_check])
     labels = None if y_check is None else torch.cat([torch.full((len(example),), -1), y_check])
-    ref = _reference(net, kind, xs)
+    try:
+        ref = _reference(net, kind, xs)
+    except RuntimeError as exc:  # a wrong input shape or dtype: PyTorch's own message, in one line
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise MocoError(f"the {kind} could not run on example_input of shape {tuple(example.shape)}: {last}; pass "
+                        "an input batch of the shape the model takes") from None
 
     with tempfile.TemporaryDirectory(prefix="moco-deploy-") as tmp:
         work = Path(tmp)

@@ -57,6 +57,7 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 1000) -> Evaluati
             y = _check_batch(x, y)
             x, y = x.to(device), y.to(device)
             logits = model(x)
+            check_labels(y, int(logits.shape[-1]), what="labels")  # a label >= the model's classes: a clear error
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             seen += len(x)
