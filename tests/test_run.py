@@ -265,3 +265,16 @@ def test_pfa_step_whose_rounding_keeps_every_layer_whole_says_so(user_model, tmp
     assert step["changed"].startswith("nothing: rounding the kept counts to multiples of 64") and "round_to = 1" in (
         step["changed"])
     assert step["agreement"] == 1.0  # the model handed on is the original, not a fine-tuned copy of it
+
+
+def test_exits_step_whose_exits_are_all_off_says_so(user_model, tmp_path):
+    from moco.run import config_from_dict, run_config
+
+    doc = {"model": {"spec": "mynet.py:Net", "weights": "mynet.pt", "args": {"width": 16}},
+           "data": {"train": "fashion_mnist:train", "test": "fashion_mnist:test", "train_size": 1500, "test_size": 100},
+           "measure": {"timing": False},
+           "steps": [{"method": "exits", "points": ["stem"], "epochs": 1, "target": 0.03, "train_samples": 100}]}
+    run_config(config_from_dict(doc, base_dir=user_model), tmp_path / "o")
+    step = json.loads((tmp_path / "o" / "report.json").read_text())["steps"][0]
+    assert step["summary"]["thresholds"] and all(t is None for t in step["summary"]["thresholds"])
+    assert step["changed"].startswith("nothing: calibration turned every exit off") and "looser target" in step["changed"]

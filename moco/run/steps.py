@@ -293,6 +293,10 @@ def _exits(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     certified = {"what": f"{cal.metric} <= {cal.target:g} at {cal.confidence:.0%} confidence",
                  "bound": cal.certified_bound, "measured": cal.measured_risk, "n": cal.n_test}
     changed = f"exits after {', '.join(map(str, points))} ({p['mode']})"
+    if not any(enabled):
+        changed = (f"nothing: calibration turned every exit off ({changed}): none keeps {cal.metric} <= "
+                   f"{cal.target:g} at {cal.confidence:.0%} confidence; try a looser target, later points or more "
+                   "training epochs")
     return StepOutcome(Stage("exits", net, model, info), summary, f"{changed}\n\n{cal.to_text()}", certified, files,
                        changed)
 
