@@ -190,7 +190,8 @@ def test_rules_that_certify_nothing_fail_the_step_with_advice(user_model, tmp_pa
            "data": {"train": "fashion_mnist:train", "test": "fashion_mnist:test", "train_size": 600, "test_size": 100},
            "measure": {"timing": False},
            "steps": [{"method": "rules", "layer": "stem", "max_error": 0.03, "samples": 600}]}
-    with pytest.raises(MocoError, match=r"step 1 \(rules\).*'stem'.*coverage.*later layer.*max_error"):
+    with pytest.raises(MocoError, match=r"step 1 \(rules\).*'stem'.*coverage.*later layer.*max_error, or more "
+                                        r"training data \(all \d+ were used\)"):
         run_config(config_from_dict(doc, base_dir=user_model), tmp_path / "o")
 
 

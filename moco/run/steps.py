@@ -330,9 +330,10 @@ def _rules(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
                                                           confidence=float(p["confidence"]), kind=p["kind"])
     coverage = report["coverage_val"]
     if not report["certified"] or not coverage:
+        more = (f", or more samples (samples = {min(2 * int(p['samples']), len(ctx.fit))})"
+                if int(p["samples"]) < len(ctx.fit) else f", or more training data (all {len(ctx.fit)} were used)")
         raise MocoError(f"rules at layer {layer!r} certified nothing (held-out coverage {coverage:.1%} at "
-                        f"max_error {p['max_error']}); try a later layer (layer = ...), a looser max_error, or more "
-                        f"samples (samples = {2 * int(p['samples'])})")
+                        f"max_error {p['max_error']}); try a later layer (layer = ...), a looser max_error{more}")
     rules.save(out / "rules")
     files = [str(out / "rules.json"), str(out / "rules.npz")]
     net = BranchedNetwork(model, layer=layer, rule=rules, pooling=pooling)
