@@ -279,3 +279,15 @@ def test_exits_step_whose_exits_are_all_off_says_so(user_model, tmp_path):
     step = json.loads((tmp_path / "o" / "report.json").read_text())["steps"][0]
     assert step["summary"]["thresholds"] and all(t is None for t in step["summary"]["thresholds"])
     assert step["changed"].startswith("nothing: calibration turned every exit off") and "looser target" in step["changed"]
+
+
+def test_no_timing_also_skips_the_profile_steps_latency(user_model, tmp_path):
+    from moco.run import config_from_dict, run_config
+
+    doc = {"model": {"spec": "mynet.py:Net", "weights": "mynet.pt", "args": {"width": 16}},
+           "data": {"train": "fashion_mnist:train", "test": "fashion_mnist:test", "train_size": 200, "test_size": 50},
+           "steps": [{"method": "profile"}]}
+    for timing in (False, True):
+        run_config(config_from_dict({**doc, "measure": {"timing": timing}}, base_dir=user_model), tmp_path / str(timing))
+        step = json.loads((tmp_path / str(timing) / "report.json").read_text())["steps"][0]
+        assert (step["summary"]["forward_time_s"] is not None) == timing

@@ -242,7 +242,8 @@ def build_context(cfg: RunConfig, *, out: Path | None = None, progress: bool = F
                    train.normalize)
     fit = Data(train.x[fit_idx], train.y[fit_idx], train.classes, train.spec + " (fit)", train.source, train.normalize)
     arch = {"name": resolved.zoo, "kwargs": dict(resolved.args)} if resolved.zoo else None
-    return RunContext(resolved, model, train, fit, holdout, test, example, cfg.seed, progress, arch, out)
+    return RunContext(resolved, model, train, fit, holdout, test, example, cfg.seed, progress, arch, out,
+                      timing=bool(cfg.measure.timing))
 
 
 # ---------------------------------------------------------------------------------------- measuring

@@ -34,7 +34,8 @@ KINDS = ("model", "exits", "rules", "deployed")
 class RunContext:
     """Everything a step reads: the ``original`` model (never modified), the training data split into
     ``fit`` (training) and ``holdout`` (validation / calibration; a seeded part of ``train``), ``test``,
-    one ``example`` input ``[1, C, H, W]``, the ``seed``, ``progress`` and the zoo ``arch`` (or None)."""
+    one ``example`` input ``[1, C, H, W]``, the ``seed``, ``progress``, the zoo ``arch`` (or None) and
+    ``timing``."""
 
     resolved: ResolvedModel
     original: nn.Module
@@ -47,6 +48,7 @@ class RunContext:
     progress: bool = False
     arch: dict | None = None
     out: Path | None = None
+    timing: bool = True  # False with measure.timing = false / --no-timing: no step times anything either
 
     def batch(self, n: int) -> torch.Tensor:
         """The first ``n`` test images, a real input batch."""

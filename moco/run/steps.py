@@ -123,7 +123,7 @@ def _profile(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
 
     model = stage.model if stage.model is not None else stage.require_model("profile")
     x = ctx.train.x[: max(1, int(p["batch"]))]
-    prof = profile(model, x, latency=bool(p["latency"]), repeats=int(p["repeats"]))
+    prof = profile(model, x, latency=bool(p["latency"]) and ctx.timing, repeats=int(p["repeats"]))
     files = [_write_text(out / "profile.txt", prof.to_text()),
              str(write_json_atomic(out / "profile.json", json_safe(prof.to_dict())))]
     try:
