@@ -143,7 +143,8 @@ def apply(model: nn.Module, keep: Mapping[str, Iterable[int]], example_input, *,
     Every dependent layer is resized: the next conv's input channels, BatchNorm statistics, a
     ``Linear`` after ``flatten`` (each channel's ``H*W`` features), depthwise/grouped convs (whole groups),
     residual adds and ``torch.cat``. The result is a deep copy of ``model`` with the affected modules
-    replaced by smaller ones (weights sliced, so kept units compute exactly what they computed before);
+    replaced by smaller ones (weights sliced, so kept units compute exactly what they computed before, up to a
+    ``LayerNorm`` over pruned features, which renormalises over the kept ones);
     module training flags are those of ``model``. With nothing removed the outputs equal ``model``'s.
 
     Raises:
