@@ -47,6 +47,7 @@ from moco.errors import MocoError
 
 __all__ = [
     "Data",
+    "align_classes",
     "ResolvedModel",
     "load_weights",
     "parse_data_spec",
@@ -311,6 +312,33 @@ def _standard_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 # --------------------------------------------------------------------------------------------- data
+
+
+def align_classes(train: "Data", test: "Data") -> "Data":
+    """``test`` with its labels renumbered onto ``train``'s class names, or MocoError.
+
+    Image folders number their classes by their sorted sub-folder names, each folder on its own: a test
+    folder without one class shifted every later label. Test names that are all among the train names are
+    mapped by name; when one side has only indices (``"0"``, ``"1"``, ...: an ``.npz`` without ``classes``)
+    the labels are taken as they are; names that differ otherwise are refused.
+    """
+    import dataclasses
+
+    if train.classes == test.classes:
+        return test
+    if set(test.classes) <= set(train.classes):
+        index = torch.tensor([train.classes.index(c) for c in test.classes], dtype=torch.int64)
+        return dataclasses.replace(test, y=index[test.y], classes=train.classes)
+
+    def indices_only(names) -> bool:
+        return tuple(names) == tuple(str(i) for i in range(len(names)))
+
+    if indices_only(train.classes) or indices_only(test.classes):
+        return test
+    extra = [c for c in test.classes if c not in train.classes]
+    raise MocoError(f"test classes {extra[:5]} are not among the train classes {list(train.classes)[:10]}; give both "
+                    "the same class names (folder names, or an .npz 'classes' array)")
+
 
 @dataclass(frozen=True, eq=False)
 class Data:

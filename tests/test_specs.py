@@ -194,3 +194,19 @@ def test_named_dataset_scaling_only_unless_asked():
     assert float(d.x.min()) >= 0.0 and float(d.x.max()) <= 1.0 and d.normalize is None
     dn = resolve_data("digits:test", normalize=True)
     assert dn.normalize is not None and float(dn.x.mean()) == pytest.approx(0.0, abs=0.2)
+
+
+def test_align_classes_maps_test_labels_by_name_or_refuses():
+    from moco.specs import Data, align_classes
+
+    x = torch.zeros(3, 1, 2, 2)
+    train = Data(x, torch.tensor([0, 1, 2]), ("airplane", "automobile", "bird"), "tr", "tr")
+    # a test folder without 'airplane' numbers 'automobile' 0: mapped back onto the train numbering
+    test = Data(x, torch.tensor([0, 1, 1]), ("automobile", "bird"), "te", "te")
+    got = align_classes(train, test)
+    assert got.y.tolist() == [1, 2, 2] and got.classes == train.classes
+    assert align_classes(train, train) is train
+    numeric = Data(x, torch.tensor([0, 1, 2]), ("0", "1", "2"), "n", "n")  # an .npz without names: as it is
+    assert align_classes(train, numeric).y.tolist() == [0, 1, 2]
+    with pytest.raises(MocoError, match=r"test classes \['cat'\] are not among the train classes"):
+        align_classes(train, Data(x, torch.tensor([0, 0, 0]), ("cat",), "o", "o"))

@@ -188,7 +188,7 @@ def _environment(cfg: RunConfig) -> dict[str, Any]:
 
 def build_context(cfg: RunConfig, *, out: Path | None = None, progress: bool = False) -> RunContext:
     """Resolve the model and data of ``cfg`` into a :class:`RunContext` (no step runs)."""
-    from moco.specs import resolve_data, resolve_model
+    from moco.specs import align_classes, resolve_data, resolve_model
 
     d = cfg.data
     train = resolve_data(d.train, split="train", normalize=d.normalize, root=d.root, base_dir=cfg.base_dir)
@@ -211,7 +211,7 @@ def build_context(cfg: RunConfig, *, out: Path | None = None, progress: bool = F
         raise MocoError("[data] test is required for your own data (an .npz or folder of held-out images)")
     test = resolve_data(test_spec, split="test", normalize=normalize, root=d.root, base_dir=cfg.base_dir)
     train = train.subset(d.train_size, cfg.seed)
-    test = test.subset(d.test_size, cfg.seed + 1)
+    test = align_classes(train, test.subset(d.test_size, cfg.seed + 1))
     if test.input_shape != train.input_shape:
         raise MocoError(f"train images are {train.input_shape} but test images are {test.input_shape}; they must match")
     if resolved.input_shape is not None and tuple(resolved.input_shape) != train.input_shape:

@@ -98,7 +98,7 @@ class TrialRunner:
         if self._data is not None:
             return self._data
         from moco.data.loaders import canonical_name
-        from moco.specs import parse_data_spec, resolve_data
+        from moco.specs import align_classes, parse_data_spec, resolve_data
 
         d, cfg = self.cfg.data, self.cfg
         train = resolve_data(d["train"], split="train", root=d.get("root"), base_dir=cfg.base_dir)
@@ -111,7 +111,7 @@ class TrialRunner:
             raise MocoError("[data] test is required for your own data (an .npz or folder of held-out images)")
         test = resolve_data(test_spec, split="test", root=d.get("root"), base_dir=cfg.base_dir)
         train = train.subset(d.get("train_size"), cfg.data_seed)
-        test = test.subset(d.get("test_size"), cfg.data_seed + 1)
+        test = align_classes(train, test.subset(d.get("test_size"), cfg.data_seed + 1))
         raw_test = test.x
         if d.get("normalize") not in (None, False):
             train = train.normalized(d["normalize"])
