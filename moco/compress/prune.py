@@ -598,8 +598,9 @@ class IterativePruner:
     After :meth:`fit`: ``keep_`` (``{layer: kept indices}`` for ``surgery.apply``), ``model_`` (the
     zero-masked, retrained copy at the original size, in eval mode; the caller's model is never
     modified; None, with a warning, when no zero-masked model computes what the smaller one does, e.g. a
-    LayerNorm over a pruned Linear's outputs takes the zeros into its statistics), ``small_`` (with ``example_input``: the physically smaller retrained model, which
-    computes what ``model_`` computes; else None), ``log_`` (tuple of :class:`PruneStep`),
+    LayerNorm over a pruned Linear's outputs takes the zeros into its statistics), ``small_`` (with
+    ``example_input``: the physically smaller retrained model, which computes what ``model_`` computes;
+    else None), ``log_`` (tuple of :class:`PruneStep`),
     ``base_accuracy_``, ``accuracy_`` (validation accuracy of the result), ``units_`` (original units
     per layer), ``history_`` (``keep`` after every accepted step, for Pareto plots), ``seconds_``.
     """

@@ -243,12 +243,12 @@ def _pfa(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     summary = {"fraction": loop.fraction_, "kept_units": {k: len(v) for k, v in loop.keep_.items()},
                "val_accuracy_base": loop.base_accuracy_, "val_accuracy_pfa": loop.accuracy_,
                "recipe": p["recipe"], "unit_strategy": p["unit_strategy"]}
-    if loop.fraction_ == 0 and loop.skipped_fractions_ and not loop.log_:
-        from moco.profile import nchwc_block_size
+    if loop.skipped_fractions_ and not loop.log_:
+        from moco.compress.pfa.loop import check_round_to
 
-        block = nchwc_block_size() if loop.round_to == "auto" else loop.round_to
-        changed = (f"nothing: rounding the kept counts to multiples of {block} (round_to; default this CPU's ONNX "
-                   "Runtime channel block) keeps every layer whole; set round_to = 1 to keep PFA's own counts")
+        changed = (f"nothing: rounding the kept counts to multiples of {check_round_to(loop.round_to)} (round_to; "
+                   "default this CPU's ONNX Runtime channel block) keeps every layer whole; set round_to = 1 to keep "
+                   "PFA's own counts")
     elif loop.fraction_ == 0:
         changed = "nothing: even the first fraction of the recipe lost more than max_drop"
     else:

@@ -482,20 +482,16 @@ class PFA:
         if (model is None) != (example_input is None):
             raise MocoError("PFA.keep: pass both model and example_input (to keep one recipe per tied group), or "
                             "neither")
-        if model is not None:
-            from moco.compress.pfa.loop import leader_recipes
-
-            named = {(rename(n) if callable(rename) else (rename.get(n, n) if rename else n)): r
-                     for n, r in recipes.items()}
-            if len(named) != len(recipes):
-                raise MocoError("two recipes map to one layer; rename each response to its own module")
-            recipes, rename = leader_recipes(named, model, example_input)[0], None
-        out = {}
+        named: dict[str, PFARecipe] = {}
         for name, recipe in recipes.items():
             if not isinstance(recipe, PFARecipe):
                 raise TypeError(f"recipes[{name!r}] is a {type(recipe).__name__}, not a PFARecipe")
             target = rename(name) if callable(rename) else (rename.get(name, name) if rename else name)
-            if target in out:
+            if target in named:
                 raise MocoError(f"two recipes map to layer {target!r}; rename each response to its own module")
-            out[target] = recipe.keep_indices()
-        return out
+            named[target] = recipe
+        if model is not None:
+            from moco.compress.pfa.loop import leader_recipes
+
+            named = leader_recipes(named, model, example_input)[0]
+        return {name: recipe.keep_indices() for name, recipe in named.items()}

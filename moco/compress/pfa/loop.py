@@ -252,12 +252,11 @@ class PFALoop:
         best, best_keep, best_fraction = copy.deepcopy(model).eval(), {}, 0.0
         best_eval, best_macs = base, base_macs
         log: list[PFAStep] = []
-        whole = {n: len(v) for n, v in partial_keep(chosen, pfa, 0.0, unit_strategy).items()}
         skipped: list[float] = []
         for step, f in enumerate(fractions):
             t0 = time.perf_counter()
             keep = partial_keep(chosen, pfa, f, unit_strategy, round_to=self.round_to)
-            if all(len(v) == whole[n] for n, v in keep.items()):
+            if all(len(v) == chosen[n].original_count for n, v in keep.items()):
                 # rounding (round_to) left every layer whole: fine-tuning would only move the weights for no saving
                 skipped.append(float(f))
                 continue
