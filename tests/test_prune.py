@@ -481,3 +481,66 @@ def test_iterative_pruner_with_a_layernorm_after_the_pruned_layer_returns_the_sm
     assert pruner.model_ is None
     assert pruner.small_[3].out_features == 12 and pruner.small_[4].normalized_shape == (12,)
     assert evaluate(pruner.small_, val).accuracy == pytest.approx(pruner.accuracy_, abs=1e-9)
+
+
+class _CatDepthwise(nn.Module):
+    """Inception-style branches of 4, 4 and 2 channels concatenated, then a depthwise conv over the 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.b1, self.b2, self.b3 = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 2, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.dw = nn.Conv2d(10, 10, 3, padding=1, groups=10)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(torch.cat([self.b1(x), self.b2(x), self.b3(x)], dim=1)))
+        return self.fc(torch.relu(self.dw(x)).mean((2, 3)))
+
+
+def test_select_one_shot_prunes_the_branches_of_a_concat_with_the_depthwise_conv_reading_it():
+    # the depthwise conv's 10 channels are the 4 + 4 + 2 of the branches: one removed group unit is a
+    # different index in each layer (it used to fail: "tied layers have different unit counts [10, 4, 4, 2]")
+    torch.manual_seed(0)
+    model = _CatDepthwise().eval()
+    _set_l1(model.dw, [5.0, 1.0, 5.0, 5.0, 5.0, 5.0, 1.0, 5.0, 1.0, 5.0])   # group units 1, 6, 8 the weakest
+    for branch in (model.b1, model.b2, model.b3):
+        _set_l1(branch, [1.0] * branch.out_channels)
+    x = torch.randn(2, 1, 8, 8)
+    keep = select_one_shot(model, 0.3, example_input=x)
+    assert keep["dw"] == [0, 2, 3, 4, 5, 7, 9]
+    assert keep["b1"] == [0, 2, 3] and keep["b2"] == [0, 1, 3] and keep["b3"] == [1]   # 6 -> b2's 2, 8 -> b3's 0
+    from moco.compress.surgery import apply
+
+    small = apply(model, keep, x)
+    assert (small.b1.out_channels, small.b2.out_channels, small.b3.out_channels, small.dw.out_channels) == (3, 3, 1, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked_copy(model, keep)(x), atol=1e-5, rtol=1e-5)
+    # every tied layer keeps min_units of its own, even a branch whose units are all among the weakest
+    _set_l1(model.dw, [5.0] * 8 + [0.1, 0.1])
+    keep = select_one_shot(model, 0.5, example_input=x, min_units=1)
+    assert len(keep["b3"]) == 1 and len(keep["dw"]) == 5
+    for criterion in ("group_l1", "bn_scale"):
+        k = select_one_shot(model, 0.5, example_input=x, importance=criterion)
+        assert len(k["dw"]) == sum(len(k[b]) for b in ("b1", "b2", "b3")) == 5
+        apply(model, k, x)
+
+
+def test_iterative_pruner_prunes_a_concat_group_in_each_layers_own_indices():
+    torch.manual_seed(0)
+    model = _CatDepthwise()
+    train, val = _quadrant_data(400, 0), _quadrant_data(200, 1)
+    fit(model, train, epochs=2, lr=3e-3, progress=False, seed=0)
+    model.eval()
+    pruner = IterativePruner(["b1"], drop_threshold=0.99, step=0.5, retrain_samples=100, max_steps=2, seed=0,
+                             example_input=val[0][:2], progress=False).fit(model, train, val)
+    keep, small = pruner.keep_, pruner.small_
+    assert set(keep) == {"dw", "b1", "b2", "b3"}   # naming one member prunes its whole group
+    assert pruner.log_[0].layer == "dw+b1+b2+b3" and pruner.log_[0].units_before == 10
+    assert len(keep["dw"]) == sum(len(keep[b]) for b in ("b1", "b2", "b3")) < 10
+    assert all(len(keep[b]) >= 1 for b in ("b1", "b2", "b3"))
+    assert small.dw.out_channels == len(keep["dw"]) and small.b3.out_channels == len(keep["b3"])
+    with torch.no_grad():
+        torch.testing.assert_close(pruner.model_(val[0][:32]), small(val[0][:32]), atol=1e-5, rtol=1e-5)

@@ -216,49 +216,134 @@ def group_importance(model: nn.Module, example_input: Any, criterion: str = "gro
     return scores
 
 
-def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> list[tuple[str, ...]]:
-    """Pruning groups: tuples of layers whose units are tied (pruned with the same indices).
+@dataclass(frozen=True)
+class _Group:
+    """Layers pruned together and where each of their units sits among the group's units.
 
-    Without ``example_input`` each named layer is its own group. With it, the surgery helper's
-    ``dependency_groups`` ties e.g. the convolutions feeding one residual add, and refuses layers
-    whose units cannot be removed (the model's output layer).
+    ``units``: the group's independent units (the leader ``layers[0]`` has them one-to-one);
+    ``positions[name][j]``: the group unit that unit ``j`` of layer ``name`` belongs to. Tied layers need
+    not have the group's size: the branches feeding a ``torch.cat`` that a depthwise conv reads each hold
+    a slice of the conv's channels (16 + 16 + 8 of its 40), so one set of removed group units becomes a
+    different index list per layer (:meth:`member_keep`).
+    """
+
+    layers: tuple[str, ...]
+    units: int
+    positions: Mapping[str, np.ndarray]
+
+    @property
+    def label(self) -> str:
+        return self.layers[0] if len(self.layers) == 1 else "+".join(self.layers)
+
+    def member_keep(self, kept: Iterable[int]) -> dict[str, list[int]]:
+        """``{layer: its own kept unit indices}`` when the group keeps the group units ``kept``."""
+        wanted = set(int(u) for u in kept)
+        return {name: [j for j, u in enumerate(self.positions[name].tolist()) if u in wanted] for name in self.layers}
+
+
+def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> list[_Group]:
+    """Pruning groups: layers whose units are tied (pruned together), with each unit's group position.
+
+    Without ``example_input`` each named layer is its own group. With it, the model is traced
+    (:func:`moco.compress.surgery.dependency_groups`' analysis): the convolutions feeding one residual add,
+    a depthwise conv and the layers feeding it (through a ``torch.cat`` too) are tied, and layers whose
+    units cannot be removed (the model's output layer) are refused.
     """
     if example_input is None:
         if layers is None:
             raise MocoError("name the layers to prune (layers=[...]) or pass example_input= so that the output "
                             "layer and tied layers (residual adds) can be found by tracing")
-        return [(name,) for name in layers]
-    from moco.compress.surgery import dependency_groups
+        units = {name: _units(_layer(model, name)) for name in layers}
+        return [_Group((name,), units[name], {name: np.arange(units[name])}) for name in layers]
+    from moco.compress.surgery.analysis import analyse, groups_of
 
-    groups = dependency_groups(model, example_input)
-    by_layer = {name: g for g in groups for name in g.layers}
+    analysis = analyse(copy.deepcopy(model), example_input)
+    groups = []
+    for g in groups_of(analysis):
+        roots = analysis.units.roots
+        index = {int(r): i for i, r in enumerate(roots(analysis.producers[g.layers[0]].ids).tolist())}
+        positions = {n: np.array([index.get(int(r), -1) for r in roots(analysis.producers[n].ids).tolist()],
+                                 dtype=np.int64) for n in g.layers}
+        groups.append((g, _Group(tuple(g.layers), g.units, positions)))
     if layers is None:
-        return [tuple(g.layers) for g in groups if g.prunable]
-    chosen: list[tuple[str, ...]] = []
+        return [grp for g, grp in groups if g.prunable]
+    by_layer = {name: (g, grp) for g, grp in groups for name in g.layers}
+    chosen: list[_Group] = []
     for name in layers:
-        g = by_layer.get(name)
-        if g is None:
-            chosen.append((name,))
+        if name not in by_layer:
+            units = _units(_layer(model, name))
+            chosen.append(_Group((name,), units, {name: np.arange(units)}))
             continue
+        g, grp = by_layer[name]
         if not g.prunable:
-            raise MocoError(f"layer {name!r} cannot be pruned: its units are the model's outputs (or tied to them); "
+            raise MocoError(f"layer {name!r} cannot be pruned: {g.reason or 'its units are tied to the output'}; "
                             "leave it out of layers")
-        if tuple(g.layers) not in chosen:
-            chosen.append(tuple(g.layers))
+        if all(c.layers != grp.layers for c in chosen):
+            chosen.append(grp)
     return chosen
 
 
-def _group_scores(importance: Mapping[str, np.ndarray], group: Sequence[str]) -> np.ndarray:
-    """A group's unit scores: the mean over its layers of each layer's L1 divided by that layer's mean L1."""
-    parts = []
-    for name in group:
+def _group_scores(importance: Mapping[str, np.ndarray], group: _Group, alive: np.ndarray | None = None,
+                  *, shrunk: bool = False) -> np.ndarray:
+    """A group's unit scores (one per group unit): the mean, over the layers holding a unit, of that
+    unit's L1 divided by the layer's mean L1 over its live units.
+
+    ``alive``: boolean mask of the group's live units (default all). ``shrunk``: the layers hold only
+    their live units (a model made smaller by surgery), so ``importance[name]`` lists those alone.
+    """
+    live = np.ones(group.units, dtype=bool) if alive is None else np.asarray(alive, dtype=bool)
+    total = np.zeros(group.units)
+    count = np.zeros(group.units)
+    for name in group.layers:
+        pos = group.positions[name]
+        if shrunk:
+            pos = pos[live[pos]]
         s = np.asarray(importance[name], dtype=np.float64)
-        mean = s.mean()
-        parts.append(s / mean if mean > 0 else np.zeros_like(s))
-    sizes = {len(p) for p in parts}
-    if len(sizes) != 1:
-        raise MocoError(f"tied layers {list(group)} have different unit counts {[len(p) for p in parts]}")
-    return np.mean(parts, axis=0)
+        if len(s) != len(pos):
+            raise MocoError(f"layer {name!r} has {len(s)} units where its group expects {len(pos)}")
+        on = live[pos]
+        mean = s[on].mean() if on.any() else 0.0
+        np.add.at(total, pos, s / mean if mean > 0 else np.zeros_like(s))
+        np.add.at(count, pos, 1.0)
+    return np.where(count > 0, total / np.maximum(count, 1.0), 0.0)
+
+
+class _Budget:
+    """Which of a group's live units may still go: every layer keeps ``min(min_units, its units)`` units."""
+
+    def __init__(self, group: _Group, live: Iterable[int], min_units: int):
+        live = set(int(u) for u in live)
+        self.holders: dict[int, list[str]] = {}
+        self.left: dict[str, int] = {}
+        self.floor: dict[str, int] = {}
+        for name in group.layers:
+            pos = group.positions[name].tolist()
+            self.floor[name] = min(min_units, len(pos))
+            self.left[name] = sum(u in live for u in pos)
+            for u in pos:
+                self.holders.setdefault(u, []).append(name)
+
+    def take(self, unit: int) -> bool:
+        """Remove ``unit`` if no layer falls below its floor; True when removed."""
+        names = self.holders.get(int(unit), [])
+        if any(self.left[n] - names.count(n) < self.floor[n] for n in set(names)):
+            return False
+        for n in names:
+            self.left[n] -= 1
+        return True
+
+
+def _lowest(group: _Group, scores: np.ndarray, live: Sequence[int], n: int, min_units: int) -> list[int]:
+    """Up to ``n`` of the ``live`` group units with the lowest scores, no layer left below ``min_units``."""
+    budget = _Budget(group, live, min_units)
+    live = np.asarray(live, dtype=np.int64)
+    picked = []
+    for u in live[np.argsort(scores[live], kind="stable")].tolist():
+        if len(picked) == n:
+            break
+        if budget.take(u):
+            picked.append(u)
+    return sorted(picked)
 
 
 def select_one_shot(
@@ -307,36 +392,35 @@ def select_one_shot(
     if not groups:
         raise MocoError("no prunable layers found")
     if importance == "l1":
-        l1 = l1_importance(model, sorted({n for g in groups for n in g}))
+        l1 = l1_importance(model, sorted({n for g in groups for n in g.layers}))
         scores = [_group_scores(l1, g) for g in groups]
     else:
         by_leader = group_importance(model, example_input, importance)
         scores = []
         for g in groups:
-            leader = next((n for n in g if n in by_leader), None)
-            if leader is None:
-                raise MocoError(f"layers {list(g)} are not a prunable dependency group of the traced model")
-            scores.append(by_leader[leader])
-    removed: list[set[int]] = [set() for _ in groups]
+            if g.layers[0] not in by_leader:
+                raise MocoError(f"layers {list(g.layers)} are not a prunable dependency group of the traced model")
+            scores.append(by_leader[g.layers[0]])
+    removed: list[list[int]] = []
     if scope == "layer":
-        for i, s in enumerate(scores):
-            n_remove = min(int(math.floor(ratio * len(s) + 1e-9)), max(len(s) - min_units, 0))
-            removed[i] = set(np.argsort(s, kind="stable")[:n_remove].tolist())
+        for g, s in zip(groups, scores):
+            n_remove = min(int(math.floor(ratio * g.units + 1e-9)), max(g.units - min_units, 0))
+            removed.append(_lowest(g, s, range(g.units), n_remove, min_units))
     else:
-        total = sum(len(s) for s in scores)
-        budget = int(math.floor(ratio * total + 1e-9))
+        budget = int(math.floor(ratio * sum(g.units for g in groups) + 1e-9))
+        budgets = [_Budget(g, range(g.units), min_units) for g in groups]
+        removed = [[] for _ in groups]
         order = sorted(((float(v), gi, u) for gi, s in enumerate(scores) for u, v in enumerate(s)))
         for _, gi, u in order:
             if budget == 0:
                 break
-            if len(scores[gi]) - len(removed[gi]) > min_units:
-                removed[gi].add(u)
+            if groups[gi].units - len(removed[gi]) > min_units and budgets[gi].take(u):
+                removed[gi].append(u)
                 budget -= 1
     keep: dict[str, list[int]] = {}
-    for g, s, r in zip(groups, scores, removed):
-        kept = [u for u in range(len(s)) if u not in r]
-        for name in g:
-            keep[name] = kept
+    for g, r in zip(groups, removed):
+        gone = set(r)
+        keep.update(g.member_keep(u for u in range(g.units) if u not in gone))
     return keep
 
 
@@ -691,9 +775,8 @@ class IterativePruner:
             from moco.compress.surgery import apply
         t_start = time.perf_counter()
         work = copy.deepcopy(model)
-        modules = dict(work.named_modules())
-        units = {name: _units(modules[name]) for g in groups for name in g}
-        live = {g: list(range(units[g[0]])) for g in groups}
+        units = {name: len(g.positions[name]) for g in groups for name in g.layers}
+        live = [list(range(g.units)) for g in groups]  # per group: its live group units
         base = _evaluate(work, x_va, y_va, self.batch_size)
         current = base
         gen = torch.Generator().manual_seed(self.seed)
@@ -702,32 +785,33 @@ class IterativePruner:
         thr = float(self.drop_threshold)
 
         def keep_now() -> dict[str, list[int]]:
-            return {name: list(live[g]) for g in groups for name in g}
+            return {name: kept for g, alive in zip(groups, live) for name, kept in g.member_keep(alive).items()}
 
-        bar = tqdm(total=sum(len(v) for v in live.values()), desc="pruning", unit="unit",
-                   disable=not self.progress, leave=False)
+        bar = tqdm(total=sum(len(v) for v in live), desc="pruning", unit="unit", disable=not self.progress, leave=False)
         steps = 0
-        for g in groups:
-            cap = self._n_for(len(live[g]))
-            while len(live[g]) > self.min_units and steps < self.max_steps:
+        for gi, g in enumerate(groups):
+            cap = self._n_for(len(live[gi]))
+            while len(live[gi]) > self.min_units and steps < self.max_steps:
                 t0 = time.perf_counter()
-                n = self._rounded_n(len(live[g]), min(cap, self._n_for(len(live[g])), len(live[g]) - self.min_units))
+                n = self._rounded_n(len(live[gi]), min(cap, self._n_for(len(live[gi])), len(live[gi]) - self.min_units))
                 if n == 0:
                     break
-                scores = _group_scores(l1_importance(work, list(g)), g)
-                alive = np.asarray(live[g])
-                if physical:  # the work model holds only the live units: rank them by their local index
-                    local = np.argsort(scores, kind="stable")[:n]
-                    removed = sorted(alive[local].tolist())
-                    kept_local = sorted(set(range(len(alive))) - set(local.tolist()))
-                    trial = apply(work, {name: kept_local for name in g}, example_input=self.example_input)
+                mask = np.zeros(g.units, dtype=bool)
+                mask[live[gi]] = True
+                scores = _group_scores(l1_importance(work, list(g.layers)), g, mask, shrunk=physical)
+                removed = _lowest(g, scores, live[gi], n, self.min_units)
+                if not removed or (self._round and len(removed) < n):
+                    break  # every live unit left is some layer's last (or a rounded step no longer fits)
+                gone = set(removed)
+                kept = [u for u in live[gi] if u not in gone]
+                if physical:  # the work model holds only the live units: name them by their local index
+                    now, after = g.member_keep(live[gi]), g.member_keep(kept)
+                    local = {name: [i for i, j in enumerate(now[name]) if j in set(after[name])] for name in g.layers}
+                    trial = apply(work, local, example_input=self.example_input)
                     pairs = None
                 else:  # the work model has every unit; the pruned ones are held at zero
-                    order = alive[np.argsort(scores[alive], kind="stable")]
-                    removed = sorted(order[:n].tolist())
-                    kept = [u for u in live[g] if u not in removed]
                     snapshot = copy.deepcopy(work.state_dict())
-                    pairs = _mask_tensors(work, {**keep_now(), **{name: kept for name in g}})
+                    pairs = _mask_tensors(work, {**keep_now(), **g.member_keep(kept)})
                     _apply_masks(pairs)
                     trial = work
                 acc_pruned = _evaluate(trial, x_va, y_va, self.batch_size)
@@ -741,27 +825,27 @@ class IterativePruner:
                 acc_retrained = _evaluate(trial, x_va, y_va, self.batch_size)
                 drop = base - acc_retrained
                 accepted = drop <= thr + 1e-12
-                before = len(live[g])
+                before = len(live[gi])
                 if accepted:
-                    live[g] = [u for u in live[g] if u not in removed]
+                    live[gi] = kept
                     history.append(keep_now())
                     bar.update(len(removed))
                     work = trial
                 elif not physical:
                     work.load_state_dict(snapshot)  # roll back (the physical trial is simply dropped)
                 log.append(PruneStep(
-                    step=steps, layer=g[0] if len(g) == 1 else "+".join(g), removed=tuple(int(r) for r in removed),
-                    units_before=before, units_after=len(live[g]), accuracy_before=current,
+                    step=steps, layer=g.label, removed=tuple(int(r) for r in removed),
+                    units_before=before, units_after=len(live[gi]), accuracy_before=current,
                     accuracy_pruned=acc_pruned, accuracy_retrained=acc_retrained, drop_points=100.0 * drop,
                     accepted=accepted, seconds=time.perf_counter() - t0,
                 ))
-                bar.set_postfix(layer=g[0], units=len(live[g]), acc=f"{(acc_retrained if accepted else current):.4f}")
+                bar.set_postfix(layer=g.layers[0], units=len(live[gi]), acc=f"{(acc_retrained if accepted else current):.4f}")
                 if accepted:
                     current = acc_retrained
                 else:
-                    if n <= self._rounded_n(before, 1):  # the smallest step was rolled back
+                    if len(removed) <= self._rounded_n(before, 1):  # the smallest step was rolled back
                         break
-                    cap = max(1, n // 2)
+                    cap = max(1, len(removed) // 2)
         bar.close()
         work.eval()
         self.keep_ = keep_now()
