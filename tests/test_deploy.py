@@ -361,3 +361,31 @@ def test_a_batchnorm1d_before_the_rule_exports_with_one_sample(x, tmp_path):
     res = export(net, tmp_path / "bn", x[:1], check=x, tune=False)
     assert res.fp32.agreement == 1.0 and res.fp32.decisions == 1.0
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items()) and not net.training
+
+
+def test_the_input_standardisation_travels_with_the_deployed_model(seed_cnn, x, tmp_path):
+    # a model trained on (x - mean) / std needs that at deployment too: the manifest (or a single .onnx's
+    # metadata) records it and runtime.preprocess applies it to raw images
+    mean, std = 0.1307, 0.3081
+    export(seed_cnn, tmp_path / "f", x[:4], normalize=(mean, std), tune=False)
+    doc = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert doc["normalize"] == {"mean": [mean], "std": [std]}
+    raw = (np.random.default_rng(0).random((3, 1, 28, 28)) * 255).astype(np.uint8)
+    for rt in (load(tmp_path / "f"), load(export(seed_cnn, tmp_path / "m.onnx", x[:4], normalize=[[mean], [std]],
+                                                 tune=False).path)):
+        assert rt.normalize == {"mean": [mean], "std": [std]}
+        expected = ((raw / 255.0 - mean) / std).astype(np.float32)
+        np.testing.assert_allclose(rt.preprocess(raw), expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(rt.preprocess(raw / 255.0), expected, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            np.testing.assert_allclose(rt(rt.preprocess(raw)), seed_cnn(torch.from_numpy(expected)).numpy(), atol=1e-4)
+    plain = load(export(seed_cnn, tmp_path / "p", x[:4], tune=False).path)
+    assert plain.normalize is None and json.loads((tmp_path / "p" / "manifest.json").read_text())["normalize"] is None
+    np.testing.assert_allclose(plain.preprocess(raw), raw / np.float32(255.0), rtol=1e-6)
+    for bad, match in (((0.5, 0.0), "std must be"), ((0.5,), r"\(mean, std\)"), (([0.1, 0.2], 0.3), "2 values for 1"),
+                       (("a", 1.0), "mean must be")):
+        with pytest.raises(MocoError, match=match):
+            export(seed_cnn, tmp_path / "bad", x[:4], normalize=bad, tune=False)
+    (tmp_path / "f" / "manifest.json").write_text(json.dumps(dict(doc, normalize={"mean": [0.1], "std": [-1]})))
+    with pytest.raises(MocoError, match="malformed.*std must be"):
+        load(tmp_path / "f")

@@ -291,3 +291,23 @@ def test_no_timing_also_skips_the_profile_steps_latency(user_model, tmp_path):
         run_config(config_from_dict({**doc, "measure": {"timing": timing}}, base_dir=user_model), tmp_path / str(timing))
         step = json.loads((tmp_path / str(timing) / "report.json").read_text())["steps"][0]
         assert (step["summary"]["forward_time_s"] is not None) == timing
+
+
+def test_the_export_step_records_the_data_standardisation(user_model, tmp_path):
+    # [data] normalize is part of the model's input contract: the deployed manifest carries it, and the
+    # runtime's preprocess(raw images) reproduces the inputs the run measured on
+    from moco.deploy import load
+    from moco.run import load_config, run_config
+    from moco.specs import resolve_data
+
+    path = _small_config("export.toml", user_model)
+    doc = tomllib.loads(path.read_text())
+    doc["data"]["normalize"] = [0.286, 0.353]
+    doc["steps"] = [{"method": "export", "int8": False}]
+    path.write_text(_toml(doc))
+    run_config(load_config(path), tmp_path / "out")
+    rt = load(tmp_path / "out" / "01-export" / "deployed")
+    assert rt.normalize == {"mean": [0.286], "std": [0.353]}
+    raw = resolve_data("fashion_mnist:test").subset(8, 0)
+    normed = resolve_data("fashion_mnist:test", normalize=[0.286, 0.353]).subset(8, 0)
+    np.testing.assert_allclose(rt.preprocess(raw.x), normed.x.numpy(), rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moco.deploy.runtime import FORMAT, MANIFEST, SESSION_CONFIGS, VERSION, file_sha256, load
+from moco.deploy.runtime import FORMAT, MANIFEST, SESSION_CONFIGS, VERSION, check_normalize, file_sha256, load
 from moco.errors import MocoError
 from moco.io import write_json_atomic
 
@@ -702,7 +702,7 @@ def _check_tolerance(tolerance: Any) -> float:
 
 def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int8: Any = None, check: Any = None,
            calibration: Any = None, tolerance: float = TOLERANCE, intra_op_num_threads: int = 1,
-           tune: bool = True) -> ExportResult:
+           tune: bool = True, normalize: Any = None) -> ExportResult:
     """Export ``obj`` to ONNX at ``path``, check the runtime against PyTorch and return an :class:`ExportResult`.
 
     Args:
@@ -722,6 +722,10 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
         tune: time each graph on ``example_input`` under the session settings of
             :data:`moco.deploy.runtime.SESSION_CONFIGS` and record the fastest (the manifest, or the
             ``moco.session`` metadata of a single ``.onnx`` file); ``load`` then uses it.
+        normalize: the standardisation the model's inputs had in training, ``(mean, std)`` (a number or one
+            per channel; :func:`moco.deploy.runtime.check_normalize`), recorded in the manifest (a single
+            ``.onnx``: its ``moco.normalize`` metadata) so that a deployment feeds the graph what it was
+            trained on: ``runtime.preprocess(images)``. None: the inputs are the images as they are.
 
     Raises:
         TypeError for an unsupported object; MocoError for bad inputs, an exporter failure, or a
@@ -731,6 +735,7 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
     kind = _kind(obj)
     tol = _check_tolerance(tolerance)
     example, _ = _split_data(example_input, "example_input")
+    normalize = check_normalize(normalize, int(example.shape[1]) if example.dim() > 2 else None)
     x_check, y_check = _split_data(check, "check")
     x_cal, y_cal = _split_data(int8, "int8")
     path = Path(path)
@@ -767,6 +772,7 @@ def export(obj: nn.Module, path: str | Path, example_input: torch.Tensor, *, int
                 if kind != "model":
                     h = module(h)[0] if len(outputs) > 1 else module(h)
         manifest = _manifest(net, kind, example, {"fp32": files})
+        manifest["normalize"] = normalize
         for item in files:
             item["sha256"] = file_sha256(work / item["file"])
         write_json_atomic(work / MANIFEST, manifest)
@@ -891,6 +897,8 @@ def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
             session = {k: item["session"][k] for k in ("optimization", "disabled_optimizers", "micro_batch")
                        if k in item["session"]}
             model.metadata_props.add(key="moco.session", value=json.dumps(session))
+        if manifest.get("normalize"):
+            model.metadata_props.add(key="moco.normalize", value=json.dumps(manifest["normalize"]))
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
         return

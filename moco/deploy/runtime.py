@@ -37,7 +37,7 @@ import numpy as np
 from moco.errors import MocoError
 from moco.io import read_json_document
 
-__all__ = ["BranchedRuntime", "ExitsRuntime", "ModelRuntime", "load", "read_manifest", "MANIFEST",
+__all__ = ["BranchedRuntime", "ExitsRuntime", "ModelRuntime", "check_normalize", "load", "read_manifest", "MANIFEST",
            "FORMAT", "VERSION", "KINDS", "MICRO_BATCHES", "PRECISIONS", "SESSION_CONFIGS"]
 
 MANIFEST = "manifest.json"
@@ -131,6 +131,36 @@ def as_array(x: Any, input_shape: tuple[int, ...] | None, what: str = "input") -
     return x
 
 
+def check_normalize(value: Any, channels: int | None = None) -> dict[str, list[float]] | None:
+    """The input standardisation a deployed model expects, as ``{"mean": [...], "std": [...]}`` (or None).
+
+    ``value``: None, a ``(mean, std)`` pair or a ``{"mean", "std"}`` dict, each a number or one number per
+    channel (``channels``: the input's channel count, checked when given); std > 0. The model's input is
+    ``(x - mean[c]) / std[c]`` for images ``x`` scaled to [0, 1] (:meth:`ModelRuntime.preprocess`).
+    MocoError naming the problem otherwise.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if set(value) != {"mean", "std"}:
+            raise MocoError(f"normalize must have the keys 'mean' and 'std', got {sorted(value)}")
+        value = (value["mean"], value["std"])
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise MocoError(f"normalize must be (mean, std), got {value!r}")
+    out = {}
+    for key, v in zip(("mean", "std"), value):
+        items = list(v) if isinstance(v, (list, tuple)) else [v]
+        ok = items and all(isinstance(i, (int, float)) and not isinstance(i, bool) and math.isfinite(i) for i in items)
+        if not ok or (key == "std" and min(items) <= 0):
+            raise MocoError(f"normalize {key} must be a finite number or one per channel{' (> 0)' if key == 'std' else ''}, "
+                            f"got {v!r}")
+        if channels is not None and len(items) not in (1, channels):
+            raise MocoError(f"normalize {key} has {len(items)} values for {channels} input channels; give one or "
+                            f"{channels}")
+        out[key] = [float(i) for i in items]
+    return out
+
+
 def _require(cond: bool, manifest: Path, what: str) -> None:
     if not cond:
         raise MocoError(f"{manifest} is malformed: {what}; export the model again with moco.deploy.export")
@@ -179,6 +209,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             _require(isinstance(item, dict) and isinstance(item.get("file"), str) and isinstance(item.get("sha256"), str)
                      and Path(item["file"]).name == item["file"], path,
                      f"a fused graph entry needs 'file' (a plain name) and 'sha256' strings, got {item!r}")
+    try:
+        doc["normalize"] = check_normalize(doc.get("normalize"), shape[0] if shape else None)
+    except MocoError as exc:
+        raise MocoError(f"{path} is malformed: {exc}; export the model again with moco.deploy.export") from None
     if kind == "branched":
         _require(doc.get("output") in ("onehot", "classes"), path, "output must be 'onehot' or 'classes'")
     if kind == "exits":
@@ -280,9 +314,27 @@ class _Runtime:
         shape = manifest.get("input_shape")
         self.input_shape = tuple(shape) if shape else None
         self.num_classes = manifest.get("num_classes")
+        self.normalize = manifest.get("normalize")  # {"mean", "std"} the model's inputs were standardised with
 
     def _input(self, x: Any) -> np.ndarray:
         return as_array(x, self.input_shape)
+
+    def preprocess(self, images: Any) -> np.ndarray:
+        """``images`` as the model's input: uint8 pixels scaled to [0, 1], then ``(x - mean[c]) / std[c]``
+        per channel (dimension 1) when the export recorded a ``normalize`` (moco run's ``[data] normalize``);
+        float images are taken as already in [0, 1]. Returns float32 ``[B, ...]``."""
+        if hasattr(images, "detach") and hasattr(images, "numpy"):
+            images = images.detach().cpu().numpy()
+        x = np.asarray(images)
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / 255.0
+        x = as_array(x, self.input_shape, "images")
+        if self.normalize:
+            view = (1, -1) + (1,) * (x.ndim - 2)
+            mean = np.asarray(self.normalize["mean"], dtype=np.float32).reshape(view)
+            std = np.asarray(self.normalize["std"], dtype=np.float32).reshape(view)
+            x = np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+        return x
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(path={str(self.path)!r}, precision={self.precision!r}, "
@@ -475,8 +527,13 @@ def load(path: str | Path, *, precision: str | None = None, intra_op_num_threads
             if (level, disabled, micro) != ("all", [], None):
                 graph = _Graph(path, threads, level, disabled, micro)
         shape = graph.session.get_inputs()[0].shape[1:]
+        meta = graph.session.get_modelmeta().custom_metadata_map
+        try:
+            normalize = check_normalize(json.loads(meta["moco.normalize"])) if "moco.normalize" in meta else None
+        except (json.JSONDecodeError, MocoError) as exc:
+            raise MocoError(f"{path} has malformed moco.normalize metadata ({exc}); export it again") from None
         manifest = {"kind": "model", "input_shape": shape if all(isinstance(s, int) for s in shape) else None,
-                    "num_classes": None}
+                    "num_classes": None, "normalize": normalize}
         return ModelRuntime([graph], manifest, precision or "unknown", threads, path)
     if not path.exists():
         raise MocoError(f"{path} does not exist; export a model there with moco.deploy.export(obj, path, example_input)")

@@ -361,7 +361,7 @@ def _export(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     check = ctx.test.subset(2000, ctx.seed).tensors()
     target = out / "deployed"
     res = export(stage.obj, target, ctx.example, int8=calib.tensors() if p["int8"] else None, check=check,
-                 calibration=calibration, intra_op_num_threads=int(p["threads"]))
+                 calibration=calibration, intra_op_num_threads=int(p["threads"]), normalize=ctx.test.normalize)
     precision = "int8" if p["int8"] else "fp32"
     runtime = load(target, intra_op_num_threads=int(p["threads"]), precision=precision)
     info = dict(stage.info)
