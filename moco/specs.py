@@ -47,6 +47,7 @@ from moco.errors import MocoError
 
 __all__ = [
     "Data",
+    "absolute_spec",
     "align_classes",
     "ResolvedModel",
     "load_weights",
@@ -89,8 +90,23 @@ def _find_file(text: str, base_dir: Path | None, what: str) -> Path:
     for cand in candidates:
         if cand.exists():
             return cand.resolve()
-    where = " or ".join(str(c.parent) for c in candidates)
+    where = " or ".join(dict.fromkeys(str(c.parent) for c in candidates))
     raise MocoError(f"{what} {text!r} not found (looked in {where}); give an existing path")
+
+
+def absolute_spec(spec: str, base_dir: str | Path | None = None) -> str:
+    """``spec`` with its model file made absolute (found as :func:`resolve_model` finds it: ``base_dir``
+    first, then the working directory), so it builds from any folder; zoo and module specs, and files not
+    found, are returned as they are."""
+    if ":" not in spec:
+        return spec
+    where, name = spec.rsplit(":", 1)
+    if not (where.endswith(".py") or "/" in where or "\\" in where) or Path(where).is_absolute():
+        return spec
+    try:
+        return f"{_find_file(where, Path(base_dir) if base_dir is not None else None, 'model file')}:{name}"
+    except MocoError:
+        return spec
 
 
 def _import_file(path: Path, spec: str) -> Any:

@@ -164,6 +164,12 @@ def test_measured_accuracy_and_agreement_are_real(user_model, tmp_path):
     assert rec.macs < res.base["macs"]
     assert str(res) == res.to_text() and "01-prune" in res.to_text()
     assert len(res.to_frame()) == 2
+    # the saved model rebuilds without base=: model.json records the user's spec with its file made absolute
+    doc = json.loads((tmp_path / "out" / "01-prune" / "model.json").read_text())
+    assert doc["spec"] == {"model": f"{(user_model / 'mynet.py').resolve()}:Net", "args": {"width": 16}}
+    alone = load(tmp_path / "out" / "01-prune" / "model").eval()
+    with torch.no_grad():
+        assert torch.equal(alone(test.x), small(test.x))
 
 
 def test_method_command_without_a_config(user_model, tmp_path, capsys, monkeypatch):

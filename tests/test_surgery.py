@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -373,3 +375,36 @@ def test_load_tampered_files_raise_clear_errors(tmp_path, edit, match):
     stem = _tampered(tmp_path, edit)
     with pytest.raises(SurgeryError, match=match):
         load(stem)
+
+
+def test_a_users_file_model_rebuilds_from_its_recorded_spec(tmp_path, monkeypatch):
+    # moco imports a user's file under its own module name (moco_user_<file>_<hash>); the saved JSON names
+    # the spec, so load needs no base, and a base the user imported themselves passes the class check
+    import importlib.util
+    import shutil
+
+    src = Path(__file__).resolve().parents[1] / "examples" / "mynet.py"
+    shutil.copy(src, tmp_path / "mynet.py")
+    from moco.specs import absolute_spec, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    spec = {"model": absolute_spec("mynet.py:Net"), "args": {"width": 8}}
+    assert spec["model"] == f"{(tmp_path / 'mynet.py').resolve()}:Net"
+    net = _seeded(resolve_model("mynet.py:Net", args={"width": 8}, require_weights=False).model)
+    assert type(net).__module__.startswith("moco_user_")
+    small = apply(net, {"stem": [0, 2, 3, 5, 7]}, X28)
+    assert small.stem.out_channels == 5
+    save(small, tmp_path / "out" / "small", spec=spec)
+    monkeypatch.chdir(tmp_path / "out")
+    assert torch.equal(load(tmp_path / "out" / "small")(X28), small(X28))
+    mod_spec = importlib.util.spec_from_file_location("mynet", tmp_path / "mynet.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    assert torch.equal(load(tmp_path / "out" / "small", base=mod.Net(width=8))(X28), small(X28))
+    with pytest.raises(SurgeryError, match="holds a .*Net, but base is a"):
+        load(tmp_path / "out" / "small", base=CatNet())
+    (tmp_path / "mynet.py").unlink()
+    with pytest.raises(SurgeryError, match="does not build here.*pass base="):
+        load(tmp_path / "out" / "small")
+    with pytest.raises(TypeError, match="spec must be"):
+        save(small, tmp_path / "bad", spec={"args": {}})

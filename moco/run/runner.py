@@ -242,8 +242,11 @@ def build_context(cfg: RunConfig, *, out: Path | None = None, progress: bool = F
                    train.normalize)
     fit = Data(train.x[fit_idx], train.y[fit_idx], train.classes, train.spec + " (fit)", train.source, train.normalize)
     arch = {"name": resolved.zoo, "kwargs": dict(resolved.args)} if resolved.zoo else None
+    from moco.specs import absolute_spec
+
+    model_spec = None if arch else {"model": absolute_spec(cfg.model.spec, cfg.base_dir), "args": dict(resolved.args)}
     return RunContext(resolved, model, train, fit, holdout, test, example, cfg.seed, progress, arch, out,
-                      timing=bool(cfg.measure.timing))
+                      timing=bool(cfg.measure.timing), model_spec=model_spec)
 
 
 # ---------------------------------------------------------------------------------------- measuring

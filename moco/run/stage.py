@@ -34,8 +34,8 @@ KINDS = ("model", "exits", "rules", "deployed")
 class RunContext:
     """Everything a step reads: the ``original`` model (never modified), the training data split into
     ``fit`` (training) and ``holdout`` (validation / calibration; a seeded part of ``train``), ``test``,
-    one ``example`` input ``[1, C, H, W]``, the ``seed``, ``progress``, the zoo ``arch`` (or None) and
-    ``timing``."""
+    one ``example`` input ``[1, C, H, W]``, the ``seed``, ``progress``, the zoo ``arch`` (or None),
+    ``timing`` and a user's ``model_spec``."""
 
     resolved: ResolvedModel
     original: nn.Module
@@ -49,6 +49,7 @@ class RunContext:
     arch: dict | None = None
     out: Path | None = None
     timing: bool = True  # False with measure.timing = false / --no-timing: no step times anything either
+    model_spec: dict | None = None  # a user's model: {"model": absolute spec, "args"} (saved models rebuild from it)
 
     def batch(self, n: int) -> torch.Tensor:
         """The first ``n`` test images, a real input batch."""

@@ -112,7 +112,7 @@ def _save_model(model: torch.nn.Module, folder: Path, ctx: RunContext) -> list[s
     """The model as JSON architecture + tensor-only weights (``model.json`` + ``model.pt``)."""
     from moco.compress.surgery import save
 
-    save(model, folder / "model", arch=ctx.arch)
+    save(model, folder / "model", arch=ctx.arch, spec=None if ctx.arch else ctx.model_spec)
     return [str(folder / "model.json"), str(folder / "model.pt")]
 
 

@@ -6,6 +6,8 @@ atomically. The JSON lists, for every ``Conv2d``/``Linear``/``BatchNorm``/``PReL
 constructor arguments (the sizes after surgery) and how to build the base architecture:
 
 * ``arch``: a model-zoo spec ``{"name": ..., "kwargs": {...}}`` when given to :func:`save`;
+* ``spec``: a user's model spec ``{"model": "/abs/path/mynet.py:Net", "args": {...}}`` (moco's
+  ``file.py:Name`` or ``package.module:Name``, as :func:`moco.specs.resolve_model` takes) when given;
 * ``tree``: for a plain ``nn.Sequential`` of standard layers, the whole model (no base needed);
 * otherwise :func:`load` needs ``base=`` (the original model, or a zoo name/spec).
 
@@ -39,6 +41,30 @@ def _stem(path: str | os.PathLike) -> Path:
 
 def _class_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _same_class(recorded: str | None, model: nn.Module) -> bool:
+    """The recorded class is the model's: the same qualified name, or the same class name where one side
+    was imported from its file by moco (``moco_user_<file>_<hash>``) and the other by the user."""
+    if recorded == _class_name(model):
+        return True
+    module, _, qualname = (recorded or "").rpartition(".")
+    mine = type(model).__module__
+    from_file = module.startswith("moco_user_") or mine.startswith("moco_user_")
+    return from_file and qualname == type(model).__qualname__
+
+
+def _check_spec(spec) -> dict | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), str) or not isinstance(spec.get("args", {}), dict):
+        raise TypeError(f"spec must be {{'model': 'file.py:Name', 'args': dict}}, got {spec!r}")
+    spec = {"model": spec["model"], "args": dict(spec.get("args", {}))}
+    try:
+        json.dumps(spec)
+    except TypeError as err:
+        raise TypeError(f"spec args must be JSON values: {err}") from None
+    return spec
 
 
 def _tree(module: nn.Module) -> dict | None:
@@ -88,18 +114,22 @@ def _check_arch(arch, model: nn.Module) -> dict | None:
     return arch
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, arch: dict | str | None = None) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, *, arch: dict | str | None = None,
+         spec: dict | None = None) -> Path:
     """Write ``PATH.pt`` (tensor-only state_dict) and ``PATH.json`` (architecture); returns the JSON path.
 
     ``arch`` is the model-zoo spec the original was built from (``{"name": "resnet18", "kwargs":
     {"width_multiplier": 0.25, "in_channels": 1}}`` or just ``"seed_cnn"``); with it (or for a plain
-    ``nn.Sequential`` of standard layers) :func:`load` needs no ``base``. A ``.json``/``.pt`` suffix on
-    ``path`` is dropped.
+    ``nn.Sequential`` of standard layers) :func:`load` needs no ``base``. ``spec``: for a user's own
+    architecture, the model spec that builds it (``{"model": "/abs/mynet.py:Net", "args": {"width": 16}}``;
+    make file paths absolute with :func:`moco.specs.absolute_spec`), so :func:`load` needs no ``base``
+    either. A ``.json``/``.pt`` suffix on ``path`` is dropped.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     stem = _stem(path)
     arch = _check_arch(arch, model)
+    spec = _check_spec(spec)
     state = {}
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
@@ -113,6 +143,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: dict | str | None =
         "format": FORMAT,
         "model_class": _class_name(model),
         "arch": arch,
+        "spec": spec,
         "tree": _tree(model),
         "modules": modules,
         "training": bool(model.training),
@@ -150,6 +181,11 @@ def _checked(desc: dict, jpath: Path) -> dict:
             raise _bad(jpath, f"module entry {name!r} must be {{'type': str, 'kwargs': dict}}, got {spec!r:.200}")
     if desc.get("arch") is not None:
         _zoo_spec(desc["arch"], jpath, "arch")
+    if desc.get("spec") is not None:
+        try:
+            _check_spec(desc["spec"])
+        except TypeError as err:
+            raise _bad(jpath, str(err)) from None
     if desc.get("tree") is not None and not isinstance(desc["tree"], dict):
         raise _bad(jpath, f"'tree' must be a dict, got {type(desc['tree']).__name__}")
     if not isinstance(desc.get("model_class", ""), str):
@@ -187,6 +223,17 @@ def _base_model(desc: dict, base, jpath: Path) -> nn.Module:
             return create(desc["arch"]["name"], **desc["arch"].get("kwargs", {}))
         except (TypeError, ValueError, RuntimeError) as err:
             raise _bad(jpath, f"its arch {desc['arch']} does not build ({type(err).__name__}: {err})") from None
+    if desc.get("spec"):
+        from moco.errors import MocoError
+        from moco.specs import resolve_model
+
+        spec = desc["spec"]
+        try:
+            return resolve_model(spec["model"], args=spec.get("args", {}), base_dir=jpath.parent,
+                                 require_weights=False, progress=False).model
+        except MocoError as err:
+            raise SurgeryError(f"{jpath} was saved from model spec {spec['model']!r}, which does not build here "
+                               f"({err}); pass base= the original model") from None
     if desc.get("tree"):
         return _build_tree_checked(desc["tree"], jpath)
     raise SurgeryError(
@@ -199,7 +246,8 @@ def load(path: str | os.PathLike, base: nn.Module | str | dict | None = None) ->
     """Rebuild a model saved by :func:`save` (``PATH``, ``PATH.json`` or ``PATH.pt``), without pickle.
 
     ``base`` is the original (unpruned) model or its zoo name/spec; it is copied, never modified. It may be
-    omitted when the JSON records a zoo spec or describes a plain ``nn.Sequential`` entirely. Weights load
+    omitted when the JSON records a zoo spec, a model spec (a user's ``file.py:Name``, as ``moco run``
+    saves its models) or describes a plain ``nn.Sequential`` entirely. Weights load
     on the CPU with ``weights_only=True``; the model gets the saved training flag.
 
     A damaged pair of files (keys missing or of the wrong type, an ``arch`` that is not a zoo spec, a
@@ -215,7 +263,7 @@ def load(path: str | os.PathLike, base: nn.Module | str | dict | None = None) ->
     if not wpath.is_file():
         raise SurgeryError(f"weights file {wpath} named by {jpath} does not exist")
     model = _base_model(desc, base, jpath)
-    if _class_name(model) != desc.get("model_class") and desc.get("tree") is None:
+    if not _same_class(desc.get("model_class"), model) and desc.get("tree") is None:
         raise SurgeryError(
             f"{jpath} holds a {desc.get('model_class')}, but base is a {_class_name(model)}; "
             f"pass the original architecture"

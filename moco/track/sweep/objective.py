@@ -237,7 +237,7 @@ class TrialRunner:
         import torch
 
         from moco.io import write_json_atomic
-        from moco.specs import resolve_model
+        from moco.specs import absolute_spec, resolve_model
         from moco.train import evaluate, fit, predict
 
         cfg = self.cfg
@@ -294,7 +294,7 @@ class TrialRunner:
         }
         if cfg.measure_latency and prof.forward_time_s is not None:
             attrs["latency_ms"] = float(prof.forward_time_s) * 1e3
-        arch = {"spec": _spec_text(resolved.spec, cfg.base_dir), "args": dict(args),
+        arch = {"spec": absolute_spec(resolved.spec, cfg.base_dir), "args": dict(args),
                 "input_shape": list(resolved.input_shape or train.input_shape)}
         from moco.track.tracking import save_model_files
 
@@ -421,14 +421,6 @@ def torch_index(index: np.ndarray):
     import torch
 
     return torch.from_numpy(np.asarray(index, dtype=np.int64))
-
-
-def _spec_text(spec: str, base_dir: str | None) -> str:
-    if ":" in spec and base_dir:
-        where, name = spec.rsplit(":", 1)
-        if (where.endswith(".py") or "/" in where) and not Path(where).is_absolute() and (Path(base_dir) / where).exists():
-            return f"{(Path(base_dir) / where).resolve()}:{name}"
-    return spec
 
 
 def _fmt(v: Any) -> str:
