@@ -214,12 +214,33 @@ def test_rules_that_certify_nothing_fail_the_step_with_advice(user_model, tmp_pa
     ({"model": {"spec": "seed_cnn", "input_shape": [1, -28]}, "data": {"train": "mnist"},
       "steps": [{"method": "profile"}]}, "input_shape must be positive"),
     ({"model": {"spec": "seed_cnn"}, "data": {}, "steps": [{"method": "profile"}]}, "train is required"),
+    # the step order is checked before anything runs (prune after quantize failed in an fx trace of the model)
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"}, "steps": [{"method": "quantize"}, {"method": "prune"}]},
+     r"step 2 \(prune\) cannot follow step 1 \(quantize\): .*fake-quant.*put 'prune' before 'quantize'"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+      "steps": [{"method": "approx"}, {"method": "profile"}, {"method": "export"}]},
+     r"step 3 \(export\) cannot follow step 1 \(approx\).*make 'approx' the last step"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+      "steps": [{"method": "prune"}, {"method": "export"}, {"method": "exits"}]},
+     r"step 3 \(exits\) cannot follow step 2 \(export\).*put 'exits' before 'export'"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"}, "steps": [{"method": "rules"}, {"method": "pfa"}]},
+     r"step 2 \(pfa\) cannot follow step 1 \(rules\)"),
 ])
 def test_bad_configs_are_refused_with_the_key(doc, needle):
     from moco.run import config_from_dict
 
     with pytest.raises(MocoError, match=needle):
         config_from_dict(doc)
+
+
+def test_step_orders_that_work_are_accepted():
+    from moco.run import config_from_dict
+
+    for methods in (["prune", "pfa", "quantize", "profile", "export"], ["pfa", "exits", "profile", "export"],
+                    ["rules", "export", "profile"], ["approx", "profile"]):
+        cfg = config_from_dict({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+                                "steps": [{"method": m} for m in methods]})
+        assert [s.method for s in cfg.steps] == methods
 
 
 def test_cli_run_errors_are_one_line(tmp_path, capsys):

@@ -199,13 +199,14 @@ def config_from_dict(doc: Mapping[str, Any], *, base_dir: str | Path | None = No
         raise MocoError(f"{where}: steps must be an array of tables ([[steps]] with method = ...)")
     if not raw_steps:
         raise MocoError(f"{where}: no [[steps]]; add at least one, e.g. [[steps]] method = \"profile\"")
-    from moco.run.steps import check_step
+    from moco.run.steps import check_step, check_step_order
 
     steps = []
     for i, s in enumerate(raw_steps, 1):
         params = dict(s)
         method = params.pop("method", None)
         steps.append(check_step(method, params, f"{where} step {i}"))
+    check_step_order(steps, where)
     return RunConfig(model, data, tuple(steps), seed, threads, measure,
                      str(Path(base_dir).resolve()) if base_dir is not None else None, source)
 

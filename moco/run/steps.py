@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from moco.results import frame_text, json_safe
 from moco.run.config import StepConfig
 from moco.run.stage import RunContext, Stage
 
-__all__ = ["STEP_METHODS", "STEP_PARAMS", "StepOutcome", "check_step", "run_step"]
+__all__ = ["STEP_METHODS", "STEP_PARAMS", "StepOutcome", "check_step", "check_step_order", "run_step"]
 
 #: method -> parameter defaults (None: "choose for me", documented per method below). Retraining a trained
 #: BatchNorm model after a cut uses Adam at 2e-4: at 1e-3 the first steps undid more than the cut (measured on
@@ -96,6 +96,38 @@ def check_step(method: Any, params: dict[str, Any], where: str) -> StepConfig:
             raise MocoError(f"{where} ({method}): {key} must be a {type(default).__name__} like {default!r}, "
                             f"got {value!r}")
     return StepConfig(method, dict(params))
+
+
+# What each method leaves for the next step, and what it can start from (checked before anything runs:
+# a wrong order used to fail only when its step started, some with a deep trace error blaming the user's model).
+_PRODUCES = {"prune": "model", "pfa": "model", "quantize": "quantized", "approx": "approx", "exits": "exits",
+             "rules": "rules", "export": "deployed"}  # profile leaves the stage as it was
+_ACCEPTS = {"prune": {"model"}, "pfa": {"model"}, "quantize": {"model"}, "approx": {"model"}, "exits": {"model"},
+            "rules": {"model"}, "export": {"model", "quantized", "exits", "rules"}}
+_WHY = {
+    "quantized": "its model simulates int8 with fake-quant modules, which {method} cannot trace or resize",
+    "approx": "its model simulates approximate multipliers with lookup tables: it is measured, not transformed "
+              "further or exported",
+    "exits": "{method} works on a plain model, not on the early-exit network",
+    "rules": "{method} works on a plain model, not on the rule-branched network",
+    "deployed": "export hands over the ONNX Runtime graphs and is the last transformation",
+}
+
+
+def check_step_order(steps: Sequence[StepConfig], where: str = "config") -> None:
+    """MocoError naming the two steps when a step cannot follow the one before it (e.g. prune after
+    quantize, export after approx), before any step runs."""
+    state, made_by = "model", None
+    for i, step in enumerate(steps, 1):
+        method = step.method
+        if method in _ACCEPTS and state not in _ACCEPTS[method]:
+            j, prev = made_by
+            why = _WHY[state].format(method=method)
+            fix = ("make 'approx' the last step (only profile may follow it)" if state == "approx"
+                   else f"put {method!r} before {prev!r}")
+            raise MocoError(f"{where}: step {i} ({method}) cannot follow step {j} ({prev}): {why}; {fix}")
+        if method in _PRODUCES:
+            state, made_by = _PRODUCES[method], (i, method)
 
 
 def _params(method: str, given: dict[str, Any]) -> dict[str, Any]:
