@@ -214,6 +214,15 @@ def test_rules_that_certify_nothing_fail_the_step_with_advice(user_model, tmp_pa
     ({"model": {"spec": "seed_cnn", "input_shape": [1, -28]}, "data": {"train": "mnist"},
       "steps": [{"method": "profile"}]}, "input_shape must be positive"),
     ({"model": {"spec": "seed_cnn"}, "data": {}, "steps": [{"method": "profile"}]}, "train is required"),
+    # ranges of every step are checked when the config is read, not when step N starts
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+      "steps": [{"method": "profile"}, {"method": "export", "threads": -1}]}, r"step 2 \(export\): threads must be >= 0"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+      "steps": [{"method": "prune"}, {"method": "exits", "train_samples": 0}]}, "train_samples must be >= 1, got 0"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+      "steps": [{"method": "prune", "drop_threshold": 1.5}]}, r"drop_threshold must be >= 0 and < 1, got 1.5"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+      "steps": [{"method": "rules", "max_error": 0.0}]}, r"max_error must be > 0 and < 1"),
     # the step order is checked before anything runs (prune after quantize failed in an fx trace of the model)
     ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"}, "steps": [{"method": "quantize"}, {"method": "prune"}]},
      r"step 2 \(prune\) cannot follow step 1 \(quantize\): .*fake-quant.*put 'prune' before 'quantize'"),

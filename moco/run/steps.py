@@ -60,6 +60,34 @@ STEP_PARAMS: dict[str, dict[str, Any]] = {
 
 _PROTECTED = {"method"}
 
+# Ranges checked when the config is read, so a bad value of step 3 fails before steps 1 and 2 have run
+# (the methods check again, with the same bounds). (low, high, low_open, high_open); None: unbounded.
+_COUNT, _EPOCHS, _RATE = (1, None, False, False), (0, None, False, False), (0, None, True, False)
+_RANGES: dict[str, tuple] = {
+    **dict.fromkeys(("batch", "repeats", "retrain_samples", "retrain_epochs", "batch_size", "max_steps",
+                     "calibration_samples", "finetune_samples", "introspect_samples", "samples", "selection_samples",
+                     "train_samples"), _COUNT),
+    **dict.fromkeys(("finetune_epochs", "epochs", "quant_epochs", "gradient_epochs", "approx_epochs", "threads"),
+                    _EPOCHS),
+    **dict.fromkeys(("lr", "finetune_lr", "approx_lr"), _RATE),
+    **dict.fromkeys(("drop_threshold", "max_drop"), (0, 1, False, True)),
+    **dict.fromkeys(("confidence", "max_error", "target"), (0, 1, True, True)),
+    **dict.fromkeys(("energy_threshold", "relative_size"), (0, 1, True, False)),
+}
+
+
+def _check_range(key: str, value: Any, where: str) -> None:
+    bounds = _RANGES.get(key)
+    if bounds is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, low_open, high_open = bounds
+    bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
+           or (high is not None and (value >= high if high_open else value > high)))
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise MocoError(f"{where}: {key} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+
 
 @dataclass
 class StepOutcome:
@@ -86,7 +114,10 @@ def check_step(method: Any, params: dict[str, Any], where: str) -> StepConfig:
                         f"{method} takes: {', '.join(sorted(defaults))}")
     for key, value in params.items():
         default = defaults[key]
-        if default is None or value is None:
+        if value is None:
+            continue
+        _check_range(key, value, f"{where} ({method})")
+        if default is None:
             continue
         ok = (isinstance(value, bool) if isinstance(default, bool)
               else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
