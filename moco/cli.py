@@ -175,9 +175,12 @@ def _shape(text: str | None):
     if not text:
         return None
     try:
-        return [int(s) for s in text.split(",")]
+        shape = [int(s) for s in text.split(",")]
     except ValueError:
         raise MocoError(f"--input-shape expects integers like 1,28,28, got {text!r}") from None
+    if any(s < 1 for s in shape):
+        raise MocoError(f"--input-shape expects positive integers C,H,W like 1,28,28, got {text!r}")
+    return shape
 
 
 def _check_output_file(path: str | None, flag: str) -> None:
@@ -367,9 +370,24 @@ def _cmd_data(args, parser) -> int:
     return 0 if report.ok else 1
 
 
+def _join_negative_shape(argv: list[str]) -> list[str]:
+    """``--input-shape -1,28,28`` as ``--input-shape=-1,28,28``: argparse would read the value as an option
+    and say only "expected one argument"; joined, the shape check names the bad size."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--input-shape" and i + 1 < len(argv) and argv[i + 1][:1] == "-" and argv[i + 1][1:2].isdigit():
+            out.append(f"--input-shape={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moco`` command; returns the exit code."""
     parser = build_parser()
+    argv = _join_negative_shape(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (already printed as one line)

@@ -28,6 +28,8 @@ def test_help_lists_the_commands():
     (["bench", "no-such-bench"], "no-such-bench"),
     (["demo", "--train-size", "0"], "train_size"),
     (["profile", "--batch"], "expected one argument"),
+    (["profile", "seed_cnn", "--input-shape", "-1,28,28"], "positive integers C,H,W"),   # not argparse's riddle
+    (["profile", "seed_cnn", "--input-shape", "1,0,28"], "positive integers C,H,W"),
 ])
 def test_errors_exit_2_with_one_line(capsys, argv, needle):
     code, out, err = run(capsys, *argv)
