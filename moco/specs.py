@@ -466,6 +466,9 @@ def _load_npz(path: Path, spec: str) -> tuple[torch.Tensor, torch.Tensor, tuple[
         x = x[:, None]
     if x.ndim != 4:
         raise MocoError(f"data spec {spec!r}: x must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
+    if x.shape[3] in (1, 3, 4) and x.shape[1] > 4:  # (N, 32, 32, 3): channels last, as PIL / TensorFlow store them
+        raise MocoError(f"data spec {spec!r}: x has shape {x.shape}, channels last (N, H, W, C); moco takes "
+                        f"(N, C, H, W): save x.transpose(0, 3, 1, 2) instead")
     if not len(x):
         raise MocoError(f"data spec {spec!r}: {path} holds no images")
     xt = _scale(x, f"data spec {spec!r}")

@@ -150,6 +150,7 @@ def test_npz_data_uint8_float_and_3d(tmp_path):
     ({"x": np.zeros((2, 4), np.float32), "y": np.array([0, 1])}, r"\(N, C, H, W\)"),
     ({"x": np.zeros((2, 4, 4), np.int32), "y": np.array([0, 1])}, "float or uint8"),
     ({"x": np.zeros((2, 4, 4), np.float32), "y": np.array([0, -1])}, "negative labels"),
+    ({"x": np.zeros((2, 8, 8, 3), np.uint8), "y": np.array([0, 1])}, r"channels last.*transpose\(0, 3, 1, 2\)"),
 ])
 def test_bad_npz(tmp_path, arrays, needle):
     np.savez(tmp_path / "bad.npz", **arrays)
