@@ -551,3 +551,4 @@ def test_pfa_loop_on_a_batchnorm_residual_se_model_stops_within_budget():
     assert whole.skipped_fractions_ == (0.5, 1.0) and not whole.log_ and whole.fraction_ == 0.0
     assert all(torch.equal(v, before[k]) for k, v in whole.small_.state_dict().items())
     assert whole.to_dict()["skipped_fractions"] == [0.5, 1.0]
+    assert "no fraction (0.5, 1) removes a unit after rounding to multiples of 64" in whole.to_text()

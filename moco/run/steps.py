@@ -313,7 +313,10 @@ def _pfa(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
                    "default this CPU's ONNX Runtime channel block) keeps every layer whole; set round_to = 1 to keep "
                    "PFA's own counts")
     elif loop.fraction_ == 0:
-        changed = "nothing: even the first fraction of the recipe lost more than max_drop"
+        skipped = (f" (smaller ones {', '.join(f'{f:g}' for f in loop.skipped_fractions_)} removed no unit after "
+                   "rounding)" if loop.skipped_fractions_ else "")
+        changed = (f"nothing: the smallest fraction tried, {loop.log_[0].fraction:g} of the recipe's reduction{skipped}, "
+                   f"lost more than max_drop")
     else:
         changed = f"PFA {p['recipe']} applied at {loop.fraction_:.2f} of its reduction"
     text = f"{changed}\n\n{frame_text(frame)}" + (f"\n\nrecipe:\n{frame_text(table)}" if table is not None else "")

@@ -329,8 +329,13 @@ class PFALoop:
         verdict = (f"kept fraction {self.fraction_:g} of the recipe's reduction: {self.base_macs_ / self.macs_:.2f}x "
                    f"fewer MACs, validation accuracy {self.base_accuracy_:.4f} -> {self.accuracy_:.4f} "
                    f"(budget {scale * float(self.max_drop):g} {unit})")
-        if self.fraction_ == 0.0:
-            verdict = (f"even {self.log_[0].fraction:g} of the recipe's reduction costs more than "
+        if not self.log_:
+            verdict = (f"no fraction ({', '.join(f'{f:g}' for f in self.skipped_fractions_)}) removes a unit after "
+                       f"rounding to multiples of {check_round_to(self.round_to)}: the model is returned unchanged")
+        elif self.fraction_ == 0.0:
+            skipped = (f" (smaller fractions {', '.join(f'{f:g}' for f in self.skipped_fractions_)} removed no unit "
+                       "after rounding)" if self.skipped_fractions_ else "")
+            verdict = (f"even {self.log_[0].fraction:g} of the recipe's reduction{skipped} costs more than "
                        f"{scale * float(self.max_drop):g} {unit}: the model is returned unchanged")
         return self.to_frame().to_string(index=False) + "\n" + verdict
 
