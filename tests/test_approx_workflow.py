@@ -120,8 +120,11 @@ def test_run_approx_end_to_end():
     cfg = {"quant_epochs": 1, "gradient_epochs": 1, "approx_epochs": 1, "batch_size": 64, "progress": False,
            "multipliers": ["exact", "trunc4", "trunc7", "bam_h2_v6"], "lmbd": 1.0, "initial_noise": 0.1}
     lines = []
-    r = run_approx(tiny_net(), (x, y), (x, y), cfg, log=lines.append)
+    r = run_approx(tiny_net(), (x, y), (x, y), cfg, log=lines.append, eval_name="validation")
     d = json.loads(json.dumps(r.to_dict()))
+    # the table and the log name the data they measured (moco run passes its holdout, not the test set)
+    assert d["evaluated_on"] == "validation" and r.to_text().startswith("accuracy on the validation data")
+    assert lines[0].startswith("FP32 baseline: validation accuracy") and not any("test accuracy" in ln for ln in lines)
     for key in ("accuracy_base", "accuracy_quant", "accuracy_approx", "accuracy_uniform", "energy_ratio",
                 "energy_ratio_uniform", "sigma", "selected"):
         assert key in d

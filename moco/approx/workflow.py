@@ -96,7 +96,7 @@ def closest_multiplier(multipliers: list[ApproximateMultiplier], energy: float) 
 
 @dataclass(frozen=True)
 class ApproxResult:
-    """What :func:`run_approx` measured: test accuracies (fractions) of every stage, the energy ratios
+    """What :func:`run_approx` measured: accuracies (fractions, on ``evaluated_on`` data) of every stage, the energy ratios
     (op-weighted multiplier energy relative to the exact 8-bit multiplier), the learned ``sigma`` and the
     ``selected`` multiplier per layer, the uniform comparison, seconds per stage; the models are kept
     (``quant_model``, ``approx_model``, ``uniform_model``) but not serialised."""
@@ -120,6 +120,7 @@ class ApproxResult:
     quant_model: nn.Module = field(repr=False, compare=False, default=None)
     approx_model: nn.Module = field(repr=False, compare=False, default=None)
     uniform_model: nn.Module = field(repr=False, compare=False, default=None)
+    evaluated_on: str = "test"
 
     def to_dict(self) -> dict[str, Any]:
         cfg = {k: (v if k != "multipliers" or v is None else [getattr(m, "name", m) for m in v])
@@ -131,7 +132,7 @@ class ApproxResult:
             "energy_ratio": self.energy_ratio, "energy_ratio_uniform": self.energy_ratio_uniform,
             "uniform_multiplier": self.uniform_multiplier, "sigma": dict(self.sigma), "selected": dict(self.selected),
             "selection": self.selection.to_dict(), "search": self.search.to_dict(), "seconds": dict(self.seconds),
-            "epoch_seconds": dict(self.epoch_seconds), "config": cfg,
+            "epoch_seconds": dict(self.epoch_seconds), "config": cfg, "evaluated_on": self.evaluated_on,
         }
 
     def to_frame(self):
@@ -147,7 +148,7 @@ class ApproxResult:
                 (f"uniform {self.uniform_multiplier}, retrained", pts(self.accuracy_uniform),
                  f"{self.energy_ratio_uniform:.3f}")]
         w = max(len(r[0]) for r in rows)
-        lines = [f"{'stage':<{w}}  {'accuracy':>8}  {'energy':>7}"]
+        lines = [f"accuracy on the {self.evaluated_on} data", f"{'stage':<{w}}  {'accuracy':>8}  {'energy':>7}"]
         lines += [f"{a:<{w}}  {b:>8}  {c:>7}" for a, b, c in rows]
         return "\n".join(lines + ["", self.selection.to_text()])
 
@@ -173,13 +174,14 @@ def _resolve_multipliers(spec: Any) -> list[ApproximateMultiplier]:
 
 
 def run_approx(model: nn.Module, train: Any, test: Any, config: Mapping[str, Any] | None = None,
-               *, log=print) -> ApproxResult:
+               *, log=print, eval_name: str = "test") -> ApproxResult:
     """Seed 002's workflow on a copy of ``model``: QAT, noise search, selection, deployment, approximate
     retraining and the uniform comparison, with test accuracy after every stage.
 
     ``train`` and ``test`` are labelled data (``(x, y)``, Dataset, DataLoader). ``config`` overrides
     :data:`DEFAULTS` (unknown keys are refused). ``log`` receives one line per stage. This is the one
-    entry point a ``moco run`` step calls; ``result.to_dict()`` is JSON-safe.
+    entry point a ``moco run`` step calls; ``result.to_dict()`` is JSON-safe. ``eval_name``: what ``test`` is,
+    for the log and the table (``moco run`` evaluates on its validation holdout and says so).
     """
     from moco.train import evaluate
 
@@ -203,7 +205,7 @@ def run_approx(model: nn.Module, train: Any, test: Any, config: Mapping[str, Any
     base.eval()
     accuracy_base = acc(base)
     seconds["baseline"] = time.perf_counter() - t
-    log(f"FP32 baseline: test accuracy {accuracy_base:.4f}")
+    log(f"FP32 baseline: {eval_name} accuracy {accuracy_base:.4f}")
 
     t = time.perf_counter()
     q = train_quant(base, train, epochs=cfg["quant_epochs"], lr=cfg["lr"], batch_size=bs,
@@ -212,7 +214,7 @@ def run_approx(model: nn.Module, train: Any, test: Any, config: Mapping[str, Any
     seconds["quant"] = time.perf_counter() - t
     epoch_seconds["quant"] = seconds["quant"] / max(cfg["quant_epochs"], 1)
     accuracy_quant = acc(q)
-    log(f"int8 QAT: test accuracy {accuracy_quant:.4f}")
+    log(f"int8 QAT: {eval_name} accuracy {accuracy_quant:.4f}")
 
     t = time.perf_counter()
     noisy = copy.deepcopy(q)
@@ -221,7 +223,7 @@ def run_approx(model: nn.Module, train: Any, test: Any, config: Mapping[str, Any
                             seed=seed, progress=prog, log=log)
     seconds["gradient"] = time.perf_counter() - t
     accuracy_noise = acc(noisy)
-    log(f"after noise search: test accuracy {accuracy_noise:.4f}")
+    log(f"after noise search: {eval_name} accuracy {accuracy_noise:.4f}")
 
     t = time.perf_counter()
     selection = select_multipliers(noisy, train, mults, max_samples=cfg["selection_samples"])
@@ -262,4 +264,4 @@ def run_approx(model: nn.Module, train: Any, test: Any, config: Mapping[str, Any
     return ApproxResult(accuracy_base, accuracy_quant, accuracy_noise, accuracy_deployed, accuracy_approx,
                         accuracy_uniform, selection.relative_energy_consumption, energy_uniform, uni.name,
                         dict(search.sigma), selection.assignment, selection, search, seconds, epoch_seconds, cfg,
-                        q, approx, uniform)
+                        q, approx, uniform, eval_name)

@@ -471,7 +471,8 @@ def _approx(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
     model = stage.require_model("approx")
     config = {**p, "seed": ctx.seed, "progress": ctx.progress, "baseline_epochs": 0}
     lines: list[str] = []
-    res = run_approx(model, ctx.fit.tensors(), ctx.holdout.tensors(), config, log=lines.append)
+    res = run_approx(model, ctx.fit.tensors(), ctx.holdout.tensors(), config, log=lines.append,
+                     eval_name="validation (holdout)")
     summary = json_safe(res.to_dict())
     files = [str(write_json_atomic(out / "approx.json", summary))]
     res.selection.plot(out / "selection.png")  # the seed's two bar charts: energy and ops per layer
