@@ -47,7 +47,7 @@ from torch import fx, nn
 
 from moco.errors import MocoError
 
-__all__ = ["ModelSplit", "sequential_child", "split_at", "split_points"]
+__all__ = ["ModelSplit", "sequential_child", "split_at", "split_boundaries", "split_points"]
 
 
 @dataclass(frozen=True)
@@ -326,6 +326,19 @@ def split_at(model: nn.Module, layer: int | str, *, example_input: torch.Tensor 
     return ModelSplit(head=head, tail=tail, point=layer, index=None)
 
 
+def split_boundaries(model: nn.Module) -> list[str]:
+    """:func:`split_points` with a module listed right before its parent at the same boundary dropped
+    (``"stem.2"`` then ``"stem"``, ``"blocks.3"`` then ``"blocks"``): each boundary once, under the
+    outermost name."""
+    out: list[str] = []
+    for name in split_points(model):
+        if out and out[-1].startswith(f"{name}."):  # the parent ends where its last part ends
+            out[-1] = name
+        else:
+            out.append(name)
+    return out
+
+
 def split_points(model: nn.Module) -> list[str]:
     """Module names after which :func:`split_at` can split ``model``, in execution order.
 
@@ -333,7 +346,8 @@ def split_points(model: nn.Module) -> list[str]:
     ``str(len - 2)``; name ``"i"`` is split index ``i + 1``), plus the valid leaf modules inside
     nested children when fx can trace them. For any other model: the top-level children and the
     leaf modules (those fx keeps as one step: ``Conv2d``, ``ReLU``, ...) that run exactly once, that
-    no other value crosses and that leave something for the tail. Every returned name splits
+    no other value crosses and that leave something for the tail, and the blocks nested in containers
+    (``"layer1.0"``, ``"blocks.3"``) on the same terms. Every returned name splits
     successfully with ``split_at(model, name)``. A parent is listed right after its last leaf
     (``"fc1.2"`` then ``"fc1"``: the same boundary). Returns ``[]`` for a non-Sequential model fx
     cannot trace. Costs one fx trace, plus one per top-level child that is not a leaf; no modules
@@ -358,10 +372,13 @@ def split_points(model: nn.Module) -> list[str]:
     def under(target: str, child: str) -> bool:
         return target == child or target.startswith(f"{child}.")
 
-    for j, child in enumerate(children):
+    # Blocks nested in a container (``self.blocks = nn.Sequential(Block(), ...)``: "blocks.0", "blocks.1")
+    # are boundaries too; their leaves are not when a residual crosses them.
+    nested = [name for name, m in model.named_modules() if "." in name and m._modules and name not in keys]
+    for j, child in enumerate([*children, *nested]):
         if child in keys:
             continue
-        if sequential:
+        if sequential and j < len(children):
             if j == len(children) - 1:
                 continue
             # Children run in order: the boundary after child j follows every call made by children 0..j.
@@ -383,4 +400,5 @@ def split_points(model: nn.Module) -> list[str]:
         outer = [i for i, t in calls if not under(t, child)]
         anchor = outer[before - 1] if 0 < before <= len(outer) else -1
         keys[child] = max([anchor, *inner]) + 0.5
-    return sorted(keys, key=keys.__getitem__)
+    # a container ends where its last part ends (the same position): the part first, then the container
+    return sorted(keys, key=lambda name: (keys[name], -name.count(".")))

@@ -37,3 +37,32 @@ def seed_cnn():
 
     torch.manual_seed(0)
     return create("seed_cnn").eval()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class _ConstantWidthNet(torch.nn.Module):
+    """A user's residual net: its blocks sit in one torch.nn.Sequential attribute, every block costs the same."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, c, 3, stride=2, padding=1)
+        self.blocks = torch.nn.Sequential(*[_Block(c) for _ in range(3)])
+        self.fc = torch.nn.Linear(c, 3)
+
+    def forward(self, x):
+        return self.fc(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.fixture
+def constant_width_net():
+    """A user's residual net (blocks in one nn.Sequential attribute, every conv the same MACs), eval mode."""
+    torch.manual_seed(0)
+    return _ConstantWidthNet().eval()

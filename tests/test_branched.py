@@ -294,11 +294,12 @@ def test_suggest_layer_named_candidates_resnet():
     assert result.best.layer == "stem"  # same coverage (1.0), cheaper head
     for row in result.table:
         assert row.head_macs + row.tail_macs == result.full_macs
-    # default candidates: named split points before the bottleneck (layer4.0.conv2), a leaf listed
-    # right before its parent ("stem.2", "stem") tried once
+    # default candidates: named split points (blocks too) while the tail still holds one of the heaviest convs
+    # (layer4.0.conv2 and the layer4.1 convs tie with it), a part listed right before its parent tried once
     default = suggest_layer(model, data, fit=fit, progress=False)
     assert default.bottleneck == "layer4.0.conv2"
-    assert [row.layer for row in default.table] == ["stem.0", "stem.1", "stem", "layer1", "layer2", "layer3"]
+    assert [row.layer for row in default.table] == ["stem.0", "stem.1", "stem", "layer1.0", "layer1", "layer2.0",
+                                                    "layer2", "layer3.0", "layer3", "layer4.0"]
     assert default.best.layer == "stem.0"  # ties (same head MACs and coverage) go to the earliest
 
 
@@ -331,3 +332,14 @@ def test_forward_rejects_bad_inputs(seed_cnn):
         net(torch.zeros(2, 3, 28, 28))
     with pytest.raises(TypeError, match="torch.Tensor"):
         net(np.zeros((2, 1, 28, 28), dtype=np.float32))
+
+
+def test_suggest_layer_tries_every_block_when_the_heaviest_convs_tie(constant_width_net):
+    # a constant-width residual stage: every conv has the same MACs, and the first of them (the profiler's
+    # bottleneck) used to leave only the stem as a candidate
+    model = constant_width_net
+    x = torch.randn(64, 1, 12, 12)
+    result = suggest_layer(model, x, fit=lambda f, p: ThresholdRule(f.shape[1], -math.inf, cls=0, num_classes=3),
+                           progress=False)
+    assert result.bottleneck == "blocks.0.conv1"
+    assert [row.layer for row in result.table] == ["stem", "blocks.0", "blocks.1"]

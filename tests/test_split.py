@@ -8,7 +8,7 @@ from torch import nn
 
 from moco.errors import MocoError
 from moco.models import create
-from moco.split import ModelSplit, split_at, split_points
+from moco.split import ModelSplit, split_at, split_boundaries, split_points
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -302,10 +302,29 @@ def test_split_points_all_split(name, kwargs, shape):
 
 def test_split_points_order_and_content(seed_cnn, resnet, lenet):
     assert split_points(seed_cnn) == [str(i) for i in range(9)]
+    # the blocks inside each stage are boundaries too (a residual crosses their own leaves); a stage is listed
+    # right after its last block, at the same boundary
     assert split_points(resnet) == [
-        "stem.0", "stem.1", "stem.2", "stem", "layer1", "layer2", "layer3", "layer4", "pool", "flatten",
+        "stem.0", "stem.1", "stem.2", "stem", "layer1.0", "layer1.1", "layer1", "layer2.0", "layer2.1", "layer2",
+        "layer3.0", "layer3.1", "layer3", "layer4.0", "layer4.1", "layer4", "pool", "flatten",
+    ]
+    assert split_boundaries(resnet) == [
+        "stem.0", "stem.1", "stem", "layer1.0", "layer1", "layer2.0", "layer2", "layer3.0", "layer3", "layer4.0",
+        "layer4", "pool", "flatten",
     ]
     lenet_points = split_points(lenet)
     assert lenet_points[:5] == ["conv1.0", "conv1.1", "conv1.2", "conv1.3", "conv1"]
     assert lenet_points[-4:] == ["fc2.0", "fc2.1", "fc2.2", "fc2"]
     assert "fc3" not in lenet_points
+
+
+def test_blocks_nested_in_a_container_are_split_points(constant_width_net):
+    # only "stem" and "blocks" were found: the blocks are not top-level children, and a residual crosses their leaves
+    model = constant_width_net
+    assert split_points(model) == ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks"]
+    assert split_boundaries(model) == ["stem", "blocks.0", "blocks.1", "blocks"]
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        for point in split_boundaries(model):
+            split = split_at(model, point)
+            assert torch.equal(split.tail(split.head(x)), model(x)), point

@@ -27,7 +27,7 @@ from torch import fx, nn
 from moco.errors import MocoError
 from moco.exits.criteria import Criterion, get_criterion
 from moco.exits.heads import choose_head, get_head_factory, head_spec
-from moco.split import _LeafTracer, _cut, _describe, _is_plain_sequential, split_at, split_points
+from moco.split import _LeafTracer, _cut, _describe, _is_plain_sequential, split_at, split_boundaries
 
 __all__ = ["AUTO_HEAD_BUDGET", "EarlyExitNetwork", "ExitCosts", "attach_exits", "auto_points"]
 
@@ -38,19 +38,8 @@ AUTO_HEAD_BUDGET = 0.05
 # ----------------------------------------------------------------------------------------- points
 
 
-def _boundaries(model: nn.Module) -> list[str]:
-    """``split_points(model)`` with a leaf listed right before its parent (the same boundary) dropped."""
-    out: list[str] = []
-    for name in split_points(model):
-        if out and out[-1].startswith(f"{name}."):
-            out[-1] = name
-        else:
-            out.append(name)
-    return out
-
-
 def _valid_list(model: nn.Module) -> str:
-    valid = _boundaries(model)
+    valid = split_boundaries(model)
     shown = ", ".join(repr(v) for v in valid[:24]) + (", ..." if len(valid) > 24 else "")
     return f"valid points are [{shown}]" if valid else "the model has no split points (torch.fx cannot trace it)"
 
@@ -490,7 +479,7 @@ def auto_points(
     downsampling (output ``H x W`` larger than the next boundary's), skipping points after which
     less than 10% of the model's MACs remain (they would save little). ``strategy="macs"``: ``n``
     boundaries closest to equal fractions ``1/(n+1), 2/(n+1), ...`` of the model's MACs.
-    Candidates are :func:`moco.split.split_points` (a parent replacing its last leaf).
+    Candidates are :func:`moco.split.split_boundaries` (each boundary once).
     """
     from moco.profile import profile
 
@@ -498,7 +487,7 @@ def auto_points(
         raise MocoError(f"strategy must be 'stages' or 'macs', got {strategy!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise MocoError(f"n must be a positive int, got {n!r}")
-    candidates = _boundaries(model)
+    candidates = split_boundaries(model)
     if not candidates:
         raise MocoError(f"{type(model).__name__} has no split points (torch.fx cannot trace it); name points yourself")
     example = example_input[:1]

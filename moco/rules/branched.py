@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from moco.batches import iter_batches
 from moco.capture import build_embeddings_and_predictions
 from moco.errors import MocoError
-from moco.split import ModelSplit, split_at, split_points
+from moco.split import ModelSplit, split_at, split_boundaries
 
 __all__ = [
     "BranchedNetwork",
@@ -642,40 +642,42 @@ def _sample(data: Any, sample_size: int, batch_size: int, seed: int) -> torch.Te
     return torch.cat(parts, dim=0)
 
 
-def _dedupe_boundaries(points: list[str]) -> list[str]:
-    """Drop a leaf listed right before its parent (``"stem.2"`` then ``"stem"``: the same boundary)."""
-    out: list[str] = []
-    for name in points:
-        if out and out[-1].startswith(f"{name}."):
-            out[-1] = name
-        else:
-            out.append(name)
-    return out
+def _heaviest(prof, tolerance: float = 0.01) -> list[str]:
+    """The modules with the most MACs, all of them when several tie (within ``tolerance`` of the maximum):
+    the convs of a constant-width residual stage cost the same, and the first of them is not *the*
+    bottleneck that an exit has to skip."""
+    top = max((r.macs or 0 for r in prof.rows if r.name), default=0)
+    if top <= 0:
+        return [prof.bottleneck] if prof.bottleneck else []
+    return [r.name for r in prof.rows if r.name and (r.macs or 0) >= (1 - tolerance) * top]
 
 
-def _default_candidates(model: nn.Module, bottleneck: str | None) -> list[int | str]:
-    """Split points in execution order whose head does not contain the bottleneck module."""
+def _default_candidates(model: nn.Module, heaviest: list[str]) -> list[int | str]:
+    """Split points in execution order whose tail still holds one of the ``heaviest`` modules (the
+    bottleneck, or all the modules that tie with it)."""
     if _is_plain_sequential(model):
         points: list[int | str] = list(range(1, len(model)))
     else:
-        points = list(_dedupe_boundaries(split_points(model)))
+        points = list(split_boundaries(model))
         if not points:
             raise MocoError(
                 f"{type(model).__name__} has no split points (torch.fx cannot trace it); build it as an "
                 f"nn.Sequential or pass candidates="
             )
-    target = dict(model.named_modules()).get(bottleneck) if bottleneck else None
-    if target is None or target is model:
+    modules = dict(model.named_modules())
+    targets = [modules[n] for n in heaviest if n in modules and modules[n] is not model]
+    if not targets:
         return points
     before: list[int | str] = []
     for point in points:
-        head = split_at(model, point).head
-        if any(module is target for module in head.modules()):
+        head = list(split_at(model, point).head.modules())
+        if all(any(module is t for module in head) for t in targets):
             break
         before.append(point)
     if not before:
+        names = ", ".join(repr(n) for n in heaviest)
         raise MocoError(
-            f"the bottleneck {bottleneck!r} runs before every split point, so no early exit can skip it; "
+            f"the bottleneck ({names}) runs before every split point, so no early exit can skip it; "
             f"pass candidates= to try layers after it"
         )
     return before
@@ -716,9 +718,10 @@ def suggest_layer(
         model: the classifier; never modified (run in eval mode, flags restored).
         data: a tensor ``[N, ...]``, an ``(x, y)`` pair, a Dataset or a DataLoader (labels unused).
         candidates: split points to try, in order (ints for an ``nn.Sequential``, module names).
-            Default: every split point before the bottleneck in execution order: Sequential split
+            Default: every split point before the bottleneck in execution order (where several
+            modules tie for the most MACs, within 1%, before the last of them): Sequential split
             indices ``1 .. k`` where ``model[k]`` holds the bottleneck, or the names of
-            :func:`moco.split.split_points` (a leaf listed right before its parent, the same
+            :func:`moco.split.split_boundaries` (a leaf listed right before its parent, the same
             boundary, is tried once under the parent's name).
         fit: ``fit(features, predictions) -> rule`` with ``features`` float32 numpy ``[n, D]`` (the
             layer's output flattened) and ``predictions`` int64 numpy ``[n]``, the model's predicted
@@ -770,7 +773,7 @@ def suggest_layer(
     full_macs = full_profile.totals.macs
 
     if candidates is None:
-        layers = _default_candidates(model, bottleneck)
+        layers = _default_candidates(model, _heaviest(full_profile))
     else:
         layers = list(candidates)
         if not layers:
