@@ -54,17 +54,22 @@ def _same_class(recorded: str | None, model: nn.Module) -> bool:
     return from_file and qualname == type(model).__qualname__
 
 
+def _name_and_args(value, name: str, args: str, what: str) -> dict:
+    """``{name: str, args: dict of JSON values}`` checked and copied (TypeError naming ``what`` otherwise)."""
+    if not isinstance(value, dict) or not isinstance(value.get(name), str) or not isinstance(value.get(args, {}), dict):
+        raise TypeError(f"{what}, got {value!r}")
+    out = {name: value[name], args: dict(value.get(args, {}))}
+    try:
+        json.dumps(out)
+    except TypeError as err:
+        raise TypeError(f"{what.split(' must')[0]} {args} must be JSON values: {err}") from None
+    return out
+
+
 def _check_spec(spec) -> dict | None:
     if spec is None:
         return None
-    if not isinstance(spec, dict) or not isinstance(spec.get("model"), str) or not isinstance(spec.get("args", {}), dict):
-        raise TypeError(f"spec must be {{'model': 'file.py:Name', 'args': dict}}, got {spec!r}")
-    spec = {"model": spec["model"], "args": dict(spec.get("args", {}))}
-    try:
-        json.dumps(spec)
-    except TypeError as err:
-        raise TypeError(f"spec args must be JSON values: {err}") from None
-    return spec
+    return _name_and_args(spec, "model", "args", "spec must be {'model': 'file.py:Name', 'args': dict}")
 
 
 def _tree(module: nn.Module) -> dict | None:
@@ -96,15 +101,7 @@ def _check_arch(arch, model: nn.Module) -> dict | None:
 
     if isinstance(arch, str):
         arch = {"name": arch, "kwargs": {}}
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(
-        arch.get("kwargs", {}), dict
-    ):
-        raise TypeError(f"arch must be a zoo name or {{'name': str, 'kwargs': dict}}, got {arch!r}")
-    arch = {"name": arch["name"], "kwargs": dict(arch.get("kwargs", {}))}
-    try:
-        json.dumps(arch)
-    except TypeError as err:
-        raise TypeError(f"arch kwargs must be JSON values: {err}") from None
+    arch = _name_and_args(arch, "name", "kwargs", "arch must be a zoo name or {'name': str, 'kwargs': dict}")
     base = create(arch["name"], **arch["kwargs"])
     if type(base) is not type(model):
         raise SurgeryError(
