@@ -544,3 +544,38 @@ def test_iterative_pruner_prunes_a_concat_group_in_each_layers_own_indices():
     assert small.dw.out_channels == len(keep["dw"]) and small.b3.out_channels == len(keep["b3"])
     with torch.no_grad():
         torch.testing.assert_close(pruner.model_(val[0][:32]), small(val[0][:32]), atol=1e-5, rtol=1e-5)
+
+
+class _CatWithInput(nn.Module):
+    """A conv's 4 channels concatenated with the 1-channel input, then a depthwise conv over the 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.dw = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(self.dw(torch.cat([self.a(x), x], 1)).mean((2, 3)))
+
+
+def test_units_tied_to_the_model_input_are_never_chosen():
+    # the depthwise conv's channel 4 is the input image: it cannot be removed, even when it scores lowest
+    # (the selection chose it and surgery refused: "cannot remove unit 4 of layer 'dw' ... tied to the model input")
+    from moco.compress.surgery import apply
+
+    torch.manual_seed(0)
+    model = _CatWithInput().eval()
+    _set_l1(model.dw, [3.0, 1.0, 2.0, 4.0, 0.1])
+    _set_l1(model.a, [1.0] * 4)
+    x = torch.randn(2, 1, 8, 8)
+    for scope in ("layer", "global"):
+        keep = select_one_shot(model, 0.4, example_input=x, scope=scope)
+        assert keep["dw"] == [0, 3, 4] and keep["a"] == [0, 3]   # 4 skipped: 1 and 2 are the lowest that can go
+        apply(model, keep, x)
+    train, val = _quadrant_data(200, 0), _quadrant_data(100, 1)
+    train = (train[0][:, :, :8, :8], train[1] % 3)
+    val = (val[0][:, :, :8, :8], val[1] % 3)
+    pruner = IterativePruner(["dw"], drop_threshold=0.99, step=0.5, retrain_samples=50, max_steps=4, seed=0,
+                             example_input=x, progress=False).fit(model, train, val)
+    assert 4 in pruner.keep_["dw"] and len(pruner.keep_["a"]) >= 1

@@ -221,7 +221,8 @@ class _Group:
     """Layers pruned together and where each of their units sits among the group's units.
 
     ``units``: the group's independent units (the leader ``layers[0]`` has them one-to-one);
-    ``positions[name][j]``: the group unit that unit ``j`` of layer ``name`` belongs to. Tied layers need
+    ``positions[name][j]``: the group unit that unit ``j`` of layer ``name`` belongs to; ``fixed``: group
+    units that cannot be removed (tied to the model input or output, e.g. through a ``cat``). Tied layers need
     not have the group's size: the branches feeding a ``torch.cat`` that a depthwise conv reads each hold
     a slice of the conv's channels (16 + 16 + 8 of its 40), so one set of removed group units becomes a
     different index list per layer (:meth:`member_keep`).
@@ -230,6 +231,7 @@ class _Group:
     layers: tuple[str, ...]
     units: int
     positions: Mapping[str, np.ndarray]
+    fixed: frozenset[int] = frozenset()
 
     @property
     def label(self) -> str:
@@ -264,7 +266,8 @@ def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> l
         index = {int(r): i for i, r in enumerate(roots(analysis.producers[g.layers[0]].ids).tolist())}
         positions = {n: np.array([index.get(int(r), -1) for r in roots(analysis.producers[n].ids).tolist()],
                                  dtype=np.int64) for n in g.layers}
-        groups.append((g, _Group(tuple(g.layers), g.units, positions)))
+        fixed = frozenset(i for r, i in index.items() if r in analysis.pinned)
+        groups.append((g, _Group(tuple(g.layers), g.units, positions, fixed)))
     if layers is None:
         return [grp for g, grp in groups if g.prunable]
     by_layer = {name: (g, grp) for g, grp in groups for name in g.layers}
@@ -309,10 +312,12 @@ def _group_scores(importance: Mapping[str, np.ndarray], group: _Group, alive: np
 
 
 class _Budget:
-    """Which of a group's live units may still go: every layer keeps ``min(min_units, its units)`` units."""
+    """Which of a group's live units may still go: not a fixed one, and every layer keeps
+    ``min(min_units, its units)`` units."""
 
     def __init__(self, group: _Group, live: Iterable[int], min_units: int):
         live = set(int(u) for u in live)
+        self.fixed = group.fixed
         self.holders: dict[int, list[str]] = {}
         self.left: dict[str, int] = {}
         self.floor: dict[str, int] = {}
@@ -326,7 +331,7 @@ class _Budget:
     def take(self, unit: int) -> bool:
         """Remove ``unit`` if no layer falls below its floor; True when removed."""
         names = self.holders.get(int(unit), [])
-        if any(self.left[n] - names.count(n) < self.floor[n] for n in set(names)):
+        if int(unit) in self.fixed or any(self.left[n] - names.count(n) < self.floor[n] for n in set(names)):
             return False
         for n in names:
             self.left[n] -= 1
