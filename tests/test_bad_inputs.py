@@ -213,3 +213,51 @@ def test_evaluate_refuses_labels_outside_the_model_classes():
 
     with pytest.raises(MocoError, match=r"3\.\.3.*the model has 3 outputs"):
         evaluate(_tiny(), (X, torch.full((64,), 3)))
+
+
+# ------------------------------------------------------------------------------- wrong input shapes
+
+def _wrong_shape_calls():
+    from moco.approx import select_multipliers, train_quant
+    from moco.approx.multipliers import library
+    from moco.compress.finetune import finetune
+    from moco.compress.prune import IterativePruner
+    from moco.compress.report import compare_models
+    from moco.exits import attach_exits, train_exits
+    from moco.train import evaluate, fit, predict
+
+    bad = (torch.randn(32, 3, 8, 8), torch.randint(0, 3, (32,)))
+    good = (X[:32], torch.randint(0, 3, (32,)))
+    quantised = lambda: train_quant(_tiny(), good, epochs=0)  # noqa: E731
+    return {
+        "fit": lambda: fit(_tiny(), bad, epochs=1, progress=False),
+        "finetune": lambda: finetune(_tiny(), bad, epochs=1, progress=False),
+        "IterativePruner": lambda: IterativePruner(["0"], progress=False).fit(_tiny(), bad, bad),
+        "evaluate": lambda: evaluate(_tiny(), bad),
+        "predict": lambda: predict(_tiny(), bad),
+        "compare_models": lambda: compare_models(_tiny(), _tiny(), bad, example_input=X[:1]),
+        "train_quant": lambda: train_quant(_tiny(), bad, epochs=1, progress=False),
+        "select_multipliers": lambda: select_multipliers(quantised(), bad[0], library()[:2],
+                                                         sigma={"0": 0.1, "3": 0.1}),
+        "train_exits": lambda: train_exits(attach_exits(_tiny(), ["1"], example_input=X[:1]), bad, epochs=1, progress=False),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_wrong_shape_calls()))
+def test_inputs_of_the_wrong_shape_are_one_clear_error(name):
+    # 3-channel images for a 1-channel model: the training and evaluation entry points said PyTorch's
+    # RuntimeError (through fit, with ~40 frames of Lightning); now one line names the shape and the fix
+    needle = (r"per-sample shape \(3, 8, 8\), the network expects \(1, 8, 8\)" if name == "train_exits" else
+              r"the model could not (train|run) on inputs of shape \(32, 3, 8, 8\): RuntimeError: .*channels.*"
+              r"pass inputs of the shape")
+    with pytest.raises(MocoError, match=needle):
+        _wrong_shape_calls()[name]()
+
+
+def test_select_multipliers_refuses_nan_inputs():
+    from moco.approx import select_multipliers, train_quant
+    from moco.approx.multipliers import library
+
+    q = train_quant(_tiny(), (X[:32], torch.randint(0, 3, (32,))), epochs=0)
+    with pytest.raises(MocoError, match="NaN or inf"):   # it failed in torch.bincount
+        select_multipliers(q, torch.full((16, 1, 8, 8), float("nan")), library()[:2], sigma={"0": 0.1, "3": 0.1})

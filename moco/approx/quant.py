@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco.batches import iter_batches, num_samples
-from moco.errors import MocoError
+from moco.errors import MocoError, input_error
 
 __all__ = [
     "QuantConv2d",
@@ -335,7 +335,14 @@ def calibrate(model: nn.Module, data: Any, *, batch_size: int = 256, max_samples
     seen = 0
     try:
         for x, _ in limited_batches(data, batch_size, max_samples):
-            model(x)
+            if not torch.isfinite(x).all():
+                raise MocoError("the calibration inputs contain NaN or inf; clean or normalise the data first")
+            try:
+                model(x)
+            except RuntimeError as exc:
+                if seen:
+                    raise
+                raise input_error(exc, tuple(x.shape)) from None
             seen += len(x)
     finally:
         for _, m in layers:

@@ -36,7 +36,7 @@ from moco.approx.agn import layer_macs, sigmas
 from moco.approx.lut import to_lut
 from moco.approx.multipliers import ApproximateMultiplier
 from moco.approx.quant import limited_batches, quant_layers, replace_layers
-from moco.errors import MocoError
+from moco.errors import MocoError, input_error
 
 __all__ = ["LayerSelection", "SelectionResult", "select_multipliers", "deploy_multipliers", "uniform_assignment",
            "operand_statistics", "propagated_error_std"]
@@ -183,7 +183,14 @@ def operand_statistics(model: nn.Module, data: Any, *, max_samples: int = 512, b
     try:
         seen = 0
         for x, _ in limited_batches(data, batch_size, max_samples):
-            model(x)
+            if not torch.isfinite(x).all():  # NaN would survive the clamp to int8 codes and break the histogram
+                raise MocoError("the inputs contain NaN or inf; clean or normalise the data first")
+            try:
+                model(x)
+            except RuntimeError as exc:
+                if seen:
+                    raise
+                raise input_error(exc, tuple(x.shape)) from None
             seen += len(x)
     finally:
         for h in handles:

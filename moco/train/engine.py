@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from moco.batches import as_tensors, check_labels, iter_batches, num_samples
-from moco.errors import MocoError
+from moco.errors import MocoError, input_error
 from moco.track.tracking import notify_epoch
 
 __all__ = ["EPOCH_SEED_STRIDE", "ClassifierModule", "ExitModule", "NoiseSearchModule", "SeededBatches",
@@ -780,6 +780,12 @@ def _run(module: TrainingModule, data: Any, *, epochs, start_epoch, batch_size, 
                             "model in place in the calling process: use strategy='ddp' (one process per device)")
         try:
             trainer.fit(module, train_dataloaders=loader)
+        except RuntimeError as exc:
+            # after a step (or out of memory) it is not the inputs: PyTorch's error as it is
+            if trainer.global_step or start_epoch or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            pair = getattr(loader, "pair", None)
+            raise input_error(exc, tuple(pair[0].shape) if pair is not None else None, "train") from None
         except SystemExit as exc:
             # Lightning turns Ctrl+C into a graceful shutdown and sys.exit(1); the caller gets the interrupt
             if isinstance(exc.__context__, KeyboardInterrupt):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco.batches import check_labels, iter_batches
-from moco.errors import MocoError
+from moco.errors import MocoError, input_error
 
 __all__ = ["Evaluation", "evaluate", "predict"]
 
@@ -56,7 +56,12 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 1000) -> Evaluati
         for x, y in iter_batches(data, batch_size):
             y = _check_batch(x, y)
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            try:
+                logits = model(x)
+            except RuntimeError as exc:
+                if seen or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                raise input_error(exc, tuple(x.shape)) from None
             check_labels(y, int(logits.shape[-1]), what="labels")  # a label >= the model's classes: a clear error
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
@@ -74,7 +79,15 @@ def predict(model: nn.Module, data: Any, *, batch_size: int = 1000) -> torch.Ten
     was_training = model.training
     model.eval()
     device = _device(model)
+    outputs = []
     try:
-        return torch.cat([model(x.to(device)) for x, _ in iter_batches(data, batch_size)])
+        for x, _ in iter_batches(data, batch_size):
+            try:
+                outputs.append(model(x.to(device)))
+            except RuntimeError as exc:
+                if outputs or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                raise input_error(exc, tuple(x.shape)) from None
+        return torch.cat(outputs)
     finally:
         model.train(was_training)
