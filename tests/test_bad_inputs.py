@@ -261,3 +261,19 @@ def test_select_multipliers_refuses_nan_inputs():
     q = train_quant(_tiny(), (X[:32], torch.randint(0, 3, (32,))), epochs=0)
     with pytest.raises(MocoError, match="NaN or inf"):   # it failed in torch.bincount
         select_multipliers(q, torch.full((16, 1, 8, 8), float("nan")), library()[:2], sigma={"0": 0.1, "3": 0.1})
+
+
+def test_analytics_engine_refuses_string_labels_empty_features_and_names_the_confidence_given():
+    from moco import AnalyticsEngine, load_rule
+
+    with pytest.raises(MocoError, match="must hold class indices.*map class names to indices"):
+        AnalyticsEngine(np.zeros((10, 5)), {"p": np.array(list("abcdefghij"))}, progress=False)  # numpy's isfinite
+    with pytest.raises(MocoError, match="features are empty"):
+        AnalyticsEngine(np.zeros((0, 5)), {"p": np.zeros(0, int)}, progress=False)   # accepted, failed at fit time
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(0, 1, (100, 3)), rng.normal(6, 1, (100, 3))]).astype(np.float32)
+    ae = AnalyticsEngine(feats, {"predictions": np.repeat([0, 1], 100)}, epochs=1, progress=False)
+    with pytest.raises(MocoError, match=r"confidence must be in \(0, 1\), got 1.5$"):   # it said "got 1.125"
+        ae.compute_linear_sufficient_rule("predictions", 1, confidence=1.5)
+    with pytest.raises(TypeError, match="takes the path a rule was saved to.*not int 0"):
+        load_rule(0)   # seed 000's load_rule(pred) is its own helper

@@ -82,6 +82,9 @@ class AnalyticsEngine:
         self.layer = layer
         self.progress = progress
         n = self.features.shape[0]
+        if n == 0:
+            raise MocoError("features are empty (0 samples); capture the layer on some data first "
+                            "(build_embeddings_and_predictions)")
         if not self.columns:
             raise MocoError("give at least one label column, e.g. {'predictions': preds}")
         if not 0.0 < val_fraction < 1.0:
@@ -98,6 +101,9 @@ class AnalyticsEngine:
                 classes = np.arange(arr.shape[1])
                 arr = arr.argmax(axis=1)
             elif arr.ndim == 1:
+                if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+                    raise MocoError(f"column {name!r} must hold class indices (ints) or an [N, K] score matrix, "
+                                    f"got {arr.dtype} values; map class names to indices first")
                 if not np.issubdtype(arr.dtype, np.integer):
                     if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
                         raise MocoError(f"column {name!r} must hold class indices or an [N, K] score matrix")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,10 @@ class LinearRule(RuleSet):
 
 def load_rules(path: str | Path) -> RuleSet:
     """Load a rule or rule set saved by ``save`` (``PATH``, ``PATH.json`` or ``PATH.npz``), validating it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_rule(s) takes the path a rule was saved to with rule.save(path), not "
+                        f"{type(path).__name__} {path!r}; for one rule per class save each as e.g. "
+                        f"rule.save(f'rule_{{c}}') and load it with load_rule(f'rule_{{c}}')")
     path = Path(path)
     base = path.with_suffix("") if path.suffix in (".json", ".npz") else path
     jpath = base.with_name(base.name + ".json")

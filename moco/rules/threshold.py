@@ -59,6 +59,8 @@ def select_threshold(
     fraction of samples a candidate may fire on (e.g. the share predicted as the rule's class).
     Raises ``MocoError`` when the held-out set is too small to ever certify ``max_error``.
     """
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float, np.floating)) or not 0 < confidence < 1:
+        raise MocoError(f"confidence must be in (0, 1), got {confidence!r}")  # before it is split over the starts
     val_scores = np.asarray(val_scores, dtype=np.float64)
     val_wrong = np.asarray(val_wrong, dtype=bool)
     fit_scores = np.asarray(fit_scores, dtype=np.float64)
