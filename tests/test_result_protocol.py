@@ -46,3 +46,26 @@ def test_frame_text_shows_every_column():
     text = frame_text(frame)
     assert "..." not in text and "a_very_long_column_name_39" in text
     assert json_safe({"x": np.float32(1.5), "n": float("nan"), 3: (1, 2)}) == {"x": 1.5, "n": None, "3": [1, 2]}
+
+
+def test_profile_and_layer_suggestion_follow_the_protocol():
+    # the profile had no to_frame, the layer suggestion neither to_dict nor to_frame
+    from moco.profile import profile
+    from moco.rules.branched import suggest_layer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(40, 1, 8, 8)
+    prof = profile(model, x[:1], latency=False)
+    _check(prof, frame_rows=len(prof.rows))
+
+    class Everything:  # a duck-typed rule that fires everywhere (the engine's certification is not the point)
+        def __init__(self, n):
+            self.n_features, self.num_classes, self.layer = n, 3, None
+
+        def assign(self, features):
+            return torch.ones(len(features), dtype=torch.bool), torch.zeros(len(features), dtype=torch.long)
+
+    result = suggest_layer(model, x, candidates=[1, 2], fit=lambda f, p: Everything(f.shape[1]), progress=False)
+    _check(result, frame_rows=2)
+    assert result.to_dict()["best"] == result.best.layer and len(result.to_dict()["table"]) == 2

@@ -194,6 +194,10 @@ class Profile:
             frame[column] = frame[column].astype(float)
         return frame
 
+    def to_frame(self, total: bool = False):
+        """One row per module (:meth:`to_dataframe`), the result protocol's name."""
+        return self.to_dataframe(total=total)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict: model, input shape, batch size, rows, totals, bottleneck, slowest, ... ."""
         return {

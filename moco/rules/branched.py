@@ -576,6 +576,19 @@ class LayerSuggestion:
         columns = [*LayerCandidate.__dataclass_fields__, "best"]
         return pd.DataFrame.from_records(records, columns=columns)
 
+    def to_frame(self):
+        """The candidates table (:meth:`to_dataframe`), the result protocol's name."""
+        return self.to_dataframe()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the best layer, every candidate's row, the bottleneck, MACs and sample counts (the rule
+        itself is saved with ``rule.save(path)``)."""
+        from moco.results import json_safe
+
+        rows = [{name: getattr(row, name) for name in LayerCandidate.__dataclass_fields__} for row in self.table]
+        return json_safe({"best": self.best.layer, "table": rows, "bottleneck": self.bottleneck,
+                          "full_macs": self.full_macs, "n_fit": self.n_fit, "n_holdout": self.n_holdout})
+
     def to_text(self) -> str:
         """A readable table (MACs per sample in human units) with the best candidate marked ``*``."""
         from moco.profile.report import human_count, human_share
