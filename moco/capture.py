@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from moco.batches import iter_batches, num_samples
 from moco.errors import MocoError
 from moco.io import atomic_path
+from moco.progress import show_progress
 from moco.split import split_at
 
 __all__ = [
@@ -273,7 +274,7 @@ def _run(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, shape: tuple[int, .
 
 
 def _progress(total: int | None, progress: bool, desc: str) -> Any:
-    return tqdm(total=total, unit="sample", desc=desc, disable=not progress, leave=False)
+    return tqdm(total=total, unit="sample", desc=desc, disable=not show_progress(progress), leave=False)
 
 
 def build_embeddings_and_predictions(

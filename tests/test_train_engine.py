@@ -343,3 +343,21 @@ def test_bad_samples_are_refused_in_memory_before_training_and_per_batch_otherwi
         fit(small_net(), _Plain(bad, y), epochs=1, batch_size=16, progress=False)
     result = fit(small_net(), _Plain(x, y), epochs=1, batch_size=16, progress=False)
     assert len(result.history) == 1 and result.history[0].train_accuracy > 0
+
+
+def test_progress_bars_only_on_a_terminal_or_in_a_notebook(monkeypatch, capsys):
+    # a bar's \r redraws written into a log interleave with printed lines: progress=True draws on a terminal only
+    from moco.compress.finetune import finetune
+    from moco.progress import show_progress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    data = (torch.randn(256, 1, 4, 4), torch.randint(0, 3, (256,)))
+    finetune(model, data, epochs=1, progress=True)
+    assert "img/s" not in capsys.readouterr().err          # stderr is pytest's capture: no terminal
+    assert show_progress(False) is False and show_progress(True) is False
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert show_progress(True) is True
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)      # a notebook kernel: its output is no tty either
+    assert show_progress(True) is True

@@ -18,7 +18,6 @@ seeded, a tqdm bar shown when stderr is a terminal, Lightning's callbacks, logge
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -151,9 +150,6 @@ class GradientSearchResult:
         return self.to_text()
 
 
-def _progress_enabled(progress: bool) -> bool:
-    return bool(progress) and sys.stderr.isatty()
-
 
 def train_gradient(
     model: nn.Module,
@@ -211,7 +207,7 @@ def train_gradient(
     try:
         # one generator seeded once and continued over the epochs: the search's shuffles have always been so
         run_training(module, train_data, epochs=epochs, batch_size=batch_size, seed=seed, reseed_each_epoch=False,
-                     progress=_progress_enabled(progress), write=write, on_epoch=on_epoch, callbacks=callbacks,
+                     progress=progress, write=write, on_epoch=on_epoch, callbacks=callbacks,
                      logger=logger, accelerator=accelerator, devices=devices, precision=precision,
                      trainer_kwargs=trainer_kwargs, hparams=hparams)
     finally:

@@ -15,7 +15,6 @@ training engine when it exists. Every stage works on a copy: the caller's model 
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -54,9 +53,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _progress(flag: bool) -> bool:
-    return bool(flag) and sys.stderr.isatty()
-
 
 def train_baseline(model: nn.Module, train_data: Any, *, epochs: int = 8, lr: float = 1e-3, batch_size: int = 128,
                    seed: int = 0, progress: bool = True, **fit_kwargs):
@@ -64,7 +60,7 @@ def train_baseline(model: nn.Module, train_data: Any, *, epochs: int = 8, lr: fl
     from moco.train import fit
 
     return fit(model, train_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-               progress=_progress(progress), **fit_kwargs)
+               progress=progress, **fit_kwargs)
 
 
 def train_quant(model: nn.Module, train_data: Any, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 128,
@@ -75,7 +71,7 @@ def train_quant(model: nn.Module, train_data: Any, *, epochs: int = 1, lr: float
 
     q = quantize(model, train_data, per_channel=per_channel, observer=observer, max_samples=calibration_samples)
     if epochs > 0:
-        fit(q, train_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=_progress(progress),
+        fit(q, train_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
             **fit_kwargs)
     return q.eval()
 
@@ -86,7 +82,7 @@ def train_approx(model: nn.Module, train_data: Any, *, epochs: int = 2, lr: floa
     from moco.train import fit
 
     return fit(model, train_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-               progress=_progress(progress), **fit_kwargs)
+               progress=progress, **fit_kwargs)
 
 
 def closest_multiplier(multipliers: list[ApproximateMultiplier], energy: float) -> ApproximateMultiplier:

@@ -30,6 +30,7 @@ import torch
 
 from moco.errors import MocoError
 from moco.profile.hardware import cpu_name
+from moco.progress import show_progress
 
 __all__ = ["SETTLE_S", "Comparison", "Timing", "compare"]
 
@@ -298,7 +299,7 @@ def compare(
 
     times: dict[str, list[float]] = {name: [] for name in names}
     bar = tqdm(total=(warmup + repeats) * len(names), desc="compare", unit="run", file=sys.stderr,
-               disable=not progress, leave=False)
+               disable=not show_progress(progress), leave=False)
     gc_was_enabled = gc.isenabled()
     try:
         with torch.inference_mode():

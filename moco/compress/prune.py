@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from moco.batches import as_tensors
 from moco.errors import MocoError
+from moco.progress import show_progress
 
 __all__ = [
     "IMPORTANCE_CRITERIA", "ImportanceComparison", "ImportanceRow", "IterativePruner", "PRUNABLE_TYPES", "PruneStep",
@@ -792,7 +793,8 @@ class IterativePruner:
         def keep_now() -> dict[str, list[int]]:
             return {name: kept for g, alive in zip(groups, live) for name, kept in g.member_keep(alive).items()}
 
-        bar = tqdm(total=sum(len(v) for v in live), desc="pruning", unit="unit", disable=not self.progress, leave=False)
+        bar = tqdm(total=sum(len(v) for v in live), desc="pruning", unit="unit",
+                   disable=not show_progress(self.progress), leave=False)
         steps = 0
         for gi, g in enumerate(groups):
             cap = self._n_for(len(live[gi]))

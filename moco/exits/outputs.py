@@ -19,6 +19,7 @@ from moco.batches import check_labels, iter_batches, num_samples
 from moco.errors import MocoError
 from moco.exits.criteria import Criterion
 from moco.exits.network import EarlyExitNetwork
+from moco.progress import show_progress
 
 __all__ = ["ExitOutputs", "collect_outputs", "simulate", "risk_events"]
 
@@ -61,7 +62,7 @@ def collect_outputs(net: EarlyExitNetwork, data: Any, *, batch_size: int = 512, 
     scores, preds, labels = [], [], []
     has_labels = True
     try:
-        bar = tqdm(total=num_samples(data), desc="exit outputs", unit="img", disable=not progress, leave=False)
+        bar = tqdm(total=num_samples(data), desc="exit outputs", unit="img", disable=not show_progress(progress), leave=False)
         for x, y in iter_batches(data, batch_size):
             outs = net.forward_all(x)
             scores.append(torch.stack([net.criterion.score(o) for o in outs[:-1]]).double())

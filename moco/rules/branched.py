@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from moco.batches import iter_batches
 from moco.capture import build_embeddings_and_predictions
 from moco.errors import MocoError
+from moco.progress import show_progress
 from moco.split import ModelSplit, split_at, split_boundaries
 
 __all__ = [
@@ -796,7 +797,7 @@ def suggest_layer(
 
     table: list[LayerCandidate] = []
     rules: list[Any] = []
-    for layer in tqdm(layers, desc="suggest_layer", unit="layer", disable=not progress, leave=False):
+    for layer in tqdm(layers, desc="suggest_layer", unit="layer", disable=not show_progress(progress), leave=False):
         split = split_at(model, layer)
         cost = _split_cost(model, split, example)
         embeddings, outputs = build_embeddings_and_predictions(

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moco.progress import show_progress
+
 __all__ = ["LinearScorer", "fit_linear_scorer", "rows_as_tensor", "score_rows"]
 
 
@@ -91,7 +93,7 @@ def fit_linear_scorer(
     epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
     y_all = torch.from_numpy(np.asarray(targets, dtype=np.int64))
-    bar = tqdm(total=epochs * len(rows), desc="fit linear scorer", unit="row", disable=not progress, leave=False)
+    bar = tqdm(total=epochs * len(rows), desc="fit linear scorer", unit="row", disable=not show_progress(progress), leave=False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         # one batch per epoch (small data): gather the rows once instead of every step

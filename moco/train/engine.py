@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from moco.batches import as_tensors, check_labels, iter_batches, num_samples
 from moco.errors import MocoError, input_error
+from moco.progress import show_progress
 from moco.track.tracking import notify_epoch
 
 __all__ = ["EPOCH_SEED_STRIDE", "ClassifierModule", "ExitModule", "NoiseSearchModule", "SeededBatches",
@@ -754,7 +755,7 @@ def _run(module: TrainingModule, data: Any, *, epochs, start_epoch, batch_size, 
             loader.pair = module.check_data(*loader.pair)
         module.batches = loader
     module.epoch_offset = start_epoch
-    own: list[pl.Callback] = [_ProgressBar()] if progress else []
+    own: list[pl.Callback] = [_ProgressBar()] if show_progress(progress) else []
     own.append(_EpochEnd(write=write, on_epoch=on_epoch, save=save, target=target, hparams=hparams))
     extra = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks or [])
     has_logger = logger is not None and logger is not False

@@ -24,6 +24,7 @@ from moco.capture import _resolve_layers, iter_layer_outputs
 from moco.compress.pfa.responses import activation_probe
 from moco.compress.pfa.stats import RunningCovariance
 from moco.errors import MocoError
+from moco.progress import show_progress
 
 __all__ = ["Accumulator", "ModelProducer", "default_layers", "pooler", "stream_model", "stream_responses"]
 
@@ -174,7 +175,7 @@ def stream_responses(source: Iterable, layers: list[str] | None, pool: Callable,
     order: list[str] = []
     acc = Accumulator()
     batches = 0
-    for batch in tqdm(source, desc="PFA introspect", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(source, desc="PFA introspect", unit="batch", disable=not show_progress(progress), leave=False):
         fields = _fields(batch)
         batches += 1
         for name, value in fields.items():
