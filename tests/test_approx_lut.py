@@ -121,6 +121,13 @@ def test_stats_and_energy_model():
 def test_plot_error_map(tmp_path):
     M.plot_error_map(M.truncated(6), tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 1000
+    name = M.library()[1].name
+    M.plot_error_map(name, tmp_path / "n.png")   # a library name works too (it failed with an AttributeError)
+    assert (tmp_path / "n.png").stat().st_size > 1000
+    with pytest.raises(MocoError, match="unknown multiplier 'nope'; the library has"):
+        M.plot_error_map("nope")
+    with pytest.raises(TypeError, match="ApproximateMultiplier or a library name"):
+        M.plot_error_map(3)
 
 
 def test_from_table_and_npy(tmp_path):

@@ -321,6 +321,12 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(ia, ib) and torch.allclose(a, b)
     with pytest.raises(MocoError, match="need both"):
         load_exits(model, tmp_path / "missing")
+    wider = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3)).eval()
+    # torch's header line alone ("Error(s) in loading state_dict for ModuleList:") said nothing: the first mismatch
+    with pytest.raises(MocoError, match=r"do not fit this model \(size mismatch for .*torch.Size.*\); load them onto"):
+        load_exits(wider, tmp_path / "exits")
 
 
 def test_custom_head_and_criterion_need_their_factory_to_load(tmp_path):

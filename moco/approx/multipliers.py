@@ -513,8 +513,17 @@ def energy_table(multipliers: Iterable[ApproximateMultiplier]):
     return pd.DataFrame(rows).set_index("name")
 
 
-def plot_error_map(m: ApproximateMultiplier, path: str | Path | None = None, *, ax=None):
-    """Heat map of ``m.error_map`` over (a, b); saved atomically to ``path`` (PNG) when given. Returns the figure."""
+def plot_error_map(m: ApproximateMultiplier | str, path: str | Path | None = None, *, ax=None):
+    """Heat map of ``m.error_map`` over (a, b); saved atomically to ``path`` (PNG) when given. Returns the figure.
+
+    ``m``: an :class:`ApproximateMultiplier` or the name of one in :func:`library` (``"trunc4"``)."""
+    if isinstance(m, str):
+        lib = {x.name: x for x in library()}
+        if m not in lib:
+            raise MocoError(f"unknown multiplier {m!r}; the library has: {', '.join(lib)}")
+        m = lib[m]
+    if not isinstance(m, ApproximateMultiplier):
+        raise TypeError(f"plot_error_map takes an ApproximateMultiplier or a library name, not {type(m).__name__}")
     import matplotlib
 
     if path is not None and ax is None:

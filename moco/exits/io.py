@@ -130,6 +130,9 @@ def load_exits(model: nn.Module, path: str | Path, *, head: Any = None,
     try:
         net.heads.load_state_dict(state)
     except RuntimeError as exc:
-        raise MocoError(f"the heads in {npz_path} do not fit this model: {str(exc).strip().splitlines()[0]}") from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines[1:]), lines[0] if lines else type(exc).__name__)  # torch: header, details
+        raise MocoError(f"the heads in {npz_path} do not fit this model ({detail.rstrip('.')}); load them onto the model "
+                        "they were trained with") from None
     net.thresholds = meta["thresholds"]
     return net.eval()
