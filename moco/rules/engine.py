@@ -214,6 +214,11 @@ class AnalyticsEngine:
         ``out`` reports coverage and precision on the fit and held-out splits, the certified precision
         and ``fit_seconds``. With ``fit_on_val=False`` the threshold is chosen on the training samples
         themselves, so the bound is optimistic and ``out["certified"]`` is False.
+
+        The bound is certified on this class's own held-out firings only; with a few hundred held-out
+        samples per class it can certify nothing where :meth:`compute_linear_sufficient_rules` (one bound
+        over every class's firings together, so many more samples) certifies a set that fires on this
+        class too. Prefer the set for a BranchedNetwork; use one class's rule when that class is the point.
         """
         t0 = time.perf_counter()
         value = int(value)
