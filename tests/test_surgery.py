@@ -408,3 +408,66 @@ def test_a_users_file_model_rebuilds_from_its_recorded_spec(tmp_path, monkeypatc
         load(tmp_path / "out" / "small")
     with pytest.raises(TypeError, match="spec must be"):
         save(small, tmp_path / "bad", spec={"args": {}})
+
+
+class _SharedConv(nn.Module):
+    """One conv applied twice (weight sharing): its input channels are a's outputs and its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.a(x))))))
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+class _PoolIndices(nn.Module):
+    """Max pooling with return_indices=True, the indices unpooled again (module and functional forms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.c2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h, idx = self.pool(torch.relu(self.c1(x)))
+        h = self.unpool(h, idx)
+        h, _ = torch.nn.functional.max_pool2d(torch.relu(self.c2(h)), 2, return_indices=True)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_module_called_twice_ties_its_inputs():
+    # the shared conv's input channels are a's outputs in one call and its own in the other: one group; the
+    # pruner chose different sets for 'a' and 'shared' and surgery refused them
+    from moco.compress.prune import masked_copy, select_one_shot
+
+    model = _seeded(_SharedConv()).eval()
+    groups = dependency_groups(model, X28)
+    assert [(g.layers, g.prunable) for g in groups] == [(("a", "shared"), True), (("c",), True), (("fc",), False)]
+    keep = select_one_shot(model, 0.5, example_input=X28)
+    assert keep["a"] == keep["shared"] and len(keep["a"]) == 3
+    small = apply(model, keep, X28)
+    assert small.shared.in_channels == small.shared.out_channels == 3
+    with torch.no_grad():
+        torch.testing.assert_close(small(X28), masked_copy(model, keep)(X28), atol=1e-5, rtol=1e-5)
+
+
+def test_max_pooling_with_indices_keeps_the_channels_prunable():
+    # (values, indices) was read as "changes the channel count": every conv before such a pool was pinned
+    model = _seeded(_PoolIndices()).eval()
+    groups = dependency_groups(model, X28)
+    assert [(g.layers, g.prunable) for g in groups] == [(("c1",), True), (("c2",), True), (("fc",), False)]
+    small = apply(model, {"c1": [0, 2, 5], "c2": [1, 3]}, X28)
+    assert small.c2.in_channels == 3 and small.fc.in_features == 2
+    from moco.compress.prune import masked_copy
+
+    with torch.no_grad():
+        torch.testing.assert_close(small(X28), masked_copy(model, {"c1": [0, 2, 5], "c2": [1, 3]})(X28),
+                                   atol=1e-5, rtol=1e-5)

@@ -153,7 +153,7 @@ _PASS_MODULES = (
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
-    nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.MaxUnpool1d, nn.MaxUnpool2d,
 )
 _PASS_FUNCTIONS = {
     F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
@@ -162,6 +162,9 @@ _PASS_FUNCTIONS = {
     F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
     F.interpolate, torch.abs, torch.exp, torch.neg, torch.clamp, torch.clip, torch.square, torch.sqrt,
     operator.neg, operator.pos,
+    # return_indices=True: a (values, indices) pair, both with the input's channels (_Walker.passthrough)
+    F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.adaptive_max_pool1d_with_indices,
+    F.adaptive_max_pool2d_with_indices,
 }
 _PASS_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "detach", "float", "double",
@@ -225,8 +228,19 @@ class _Walker:
         self.calls: list[Call] = []
         self.output_shapes: list[tuple[int, ...]] = []
         self.pin_later: list[tuple[fx.Node, str]] = []
+        self.items: dict[fx.Node, tuple[np.ndarray, int]] = {}  # a tuple of tensors that all carry these channels
 
     # -- helpers
+    def call(self, module: str, node: fx.Node, in_slots: np.ndarray, grouped: bool = False) -> None:
+        """Record a call of ``module`` on channels ``in_slots``. A module called again (weight sharing) has one
+        set of input channels: the inputs of all its calls are tied, so one keep set fits every call."""
+        for prev in self.calls:
+            if prev.module == module and len(prev.in_slots) == len(in_slots):
+                self.units.tie(prev.in_slots, in_slots, f"module {module!r} called more than once (node "
+                               f"{node.name!r}): every call reads the same input channels")
+                break
+        self.calls.append(Call(module, node.name, in_slots, grouped=grouped))
+
     def dim_of(self, node: fx.Node) -> int:
         """The channel dim of ``node`` (1 unless a permute or a channels-last Linear moved it)."""
         return self.cdim.get(node, 1)
@@ -262,6 +276,15 @@ class _Walker:
     def passthrough(self, node: fx.Node, src) -> None:
         if not isinstance(src, fx.Node) or src not in self.slots:
             self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
+            return
+        parts = node.meta.get("tensor_meta")
+        if isinstance(parts, (tuple, list)) and parts and all(isinstance(m, TensorMetadata) for m in parts):
+            # a (values, indices) pair (max pooling with return_indices=True): each part has the input's channels
+            d, n, rank = self.dim_of(src), len(self.slots[src]), len(_shape(src) or ())
+            if all(len(m.shape) == rank and int(m.shape[d]) == n for m in parts):
+                self.items[node] = (self.slots[src], d)
+                return
+            self.opaque(node, "whose outputs do not keep the channel count")
             return
         out, d = _shape(node), self.dim_of(src)
         if out is None or len(out) != len(_shape(src) or ()) or out[d] != len(self.slots[src]):
@@ -425,6 +448,9 @@ class _Walker:
 
     def getitem(self, node: fx.Node, src, index) -> None:
         shape = _shape(src)
+        if src in self.items and isinstance(index, int):  # one part of a (values, indices) pair
+            ids, d = self.items[src]
+            return self.assign(node, ids, d)
         if shape is None:  # indexing a tuple / list result
             return self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
         idx = index if isinstance(index, tuple) else (index,)
@@ -455,11 +481,11 @@ class _Walker:
         if kind is nn.LayerNorm and src in self.slots and in_shape is not None and d == len(in_shape) - 1 and tuple(
             mod.normalized_shape
         ) == (in_shape[-1],):
-            self.calls.append(Call(node.target, node.name, self.slots[src]))
+            self.call(node.target, node, self.slots[src])
             return self.passthrough(node, src)
         if kind in (nn.BatchNorm1d, nn.BatchNorm2d) or (kind is nn.PReLU and mod.num_parameters > 1):
             if src in self.slots and in_shape is not None and len(in_shape) >= 2 and d == 1:
-                self.calls.append(Call(node.target, node.name, self.slots[src]))
+                self.call(node.target, node, self.slots[src])
                 return self.passthrough(node, src)
             return self.opaque(node)
         if kind is nn.PReLU or isinstance(mod, _PASS_MODULES):
@@ -490,7 +516,7 @@ class _Walker:
                     [in_slots[g * in_per : (g + 1) * in_per], out_ids[g * out_per : (g + 1) * out_per]]
                 )
                 self.units.tie(members[:-1], members[1:], reason)
-        self.calls.append(Call(name, node.name, in_slots, grouped=groups > 1))
+        self.call(name, node, in_slots, grouped=groups > 1)
         self.assign(node, out_ids, 1 if kind == "Conv2d" else len(_shape(src)) - 1)
 
     # -- functions and methods
