@@ -552,3 +552,25 @@ def test_pfa_loop_on_a_batchnorm_residual_se_model_stops_within_budget():
     assert all(torch.equal(v, before[k]) for k, v in whole.small_.state_dict().items())
     assert whole.to_dict()["skipped_fractions"] == [0.5, 1.0]
     assert "no fraction (0.5, 1) removes a unit after rounding to multiples of 64" in whole.to_text()
+
+
+def test_a_default_layer_run_twice_is_reported_not_fatal():
+    # weight sharing: the conv runs twice per forward pass, so it has no one response; PFA stopped with "runs more
+    # than once" although the user never named it. Now it is in failed_responses and the rest is analysed.
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.shared = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+            self.c, self.fc = nn.Conv2d(6, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.a(x))))))
+            return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    pfa = PFA.introspect(torch.rand(64, 1, 8, 8), model=model)
+    assert list(pfa.failed_responses) == ["shared"] and "runs 2 times" in pfa.failed_responses["shared"]
+    assert set(pfa.statistics) == {"a", "c"}
+    with pytest.raises(MocoError, match="runs more than once"):   # named explicitly: capture refuses it
+        PFA.introspect(torch.rand(16, 1, 8, 8), model=model, layers=["shared"])

@@ -316,10 +316,11 @@ class PFA:
         if names is not None and not names:
             raise MocoError("layers is empty; name at least one layer, or pass None for the defaults")
         described: dict[str, str] = {}
+        skipped: dict[str, str] = {}
         if model is not None:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-            acc, order, described = stream_model(model, source, names, pool, batch_size, progress, response)
+            acc, order, described, skipped = stream_model(model, source, names, pool, batch_size, progress, response)
         else:
             if isinstance(source, nn.Module):
                 raise TypeError("source is a model: call PFA.introspect(data, model=model, ...)")
@@ -328,7 +329,7 @@ class PFA:
                 source = source(batch_size)  # a DNIKit-style producer: producer(batch_size) -> batches
             acc, order = stream_responses(source, names, pool, progress)
         stats: dict[str, LayerStatistics] = {}
-        failed: dict[str, str] = {}
+        failed: dict[str, str] = dict(skipped)
         for name in order:
             run = acc.stats[name]
             units = int(run.units or 0)

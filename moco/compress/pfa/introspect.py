@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moco.capture import _resolve_layers, iter_layer_outputs
-from moco.compress.pfa.responses import activation_probe
+from moco.compress.pfa.responses import activation_probe, call_counts
 from moco.compress.pfa.stats import RunningCovariance
 from moco.errors import MocoError
 from moco.progress import show_progress
@@ -113,6 +113,17 @@ class ModelProducer:
             raise MocoError(f"response must be 'activation' (after the layer's BatchNorm/activation) or 'output', "
                             f"got {response!r}")
         names = default_layers(model) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        # a default layer called more than once per forward pass (weight sharing) has no one response: it is
+        # reported in failed_responses and the others are analysed (named explicitly, capture refuses it)
+        self.skipped: dict[str, str] = {}
+        if layers is None:
+            counts = call_counts(model)
+            self.skipped = {n: f"module {n!r} runs {counts[n]} times per forward pass (weight sharing): its "
+                               "responses mix the calls, so it is not analysed" for n in names if counts.get(n, 1) > 1}
+            names = [n for n in names if n not in self.skipped]
+            if not names:
+                raise MocoError(f"every default layer runs more than once per forward pass ({', '.join(self.skipped)})"
+                                "; pass layers=[...] with layers that run once")
         self.layers = list(_resolve_layers(model, names))
         if response == "activation":
             self._probe, taps, self.described = activation_probe(model, self.layers)
@@ -132,10 +143,12 @@ class ModelProducer:
 
 
 def stream_model(model: nn.Module, data: Any, layers: list[str] | None, pool: Callable, batch_size: int,
-                 progress: bool, response: str = "activation") -> tuple[Accumulator, list[str], dict[str, str]]:
+                 progress: bool, response: str = "activation"
+                 ) -> tuple[Accumulator, list[str], dict[str, str], dict[str, str]]:
     """Run ``model`` over ``data`` and accumulate the pooled responses of ``layers`` (qualified names).
 
-    Returns the accumulator, the layer names and ``{layer: what was captured}`` (see :class:`ModelProducer`).
+    Returns the accumulator, the layer names, ``{layer: what was captured}`` (see :class:`ModelProducer`)
+    and ``{default layer skipped: why}``.
     """
     producer = ModelProducer(model, data, layers, pooling=pool, response=response, progress=progress)
     acc = Accumulator()
@@ -146,7 +159,7 @@ def stream_model(model: nn.Module, data: Any, layers: list[str] | None, pool: Ca
         start += next(iter(batch.values())).shape[0]
     if start == 0:
         raise MocoError("the data yielded no samples; nothing to introspect")
-    return acc, producer.layers, producer.described
+    return acc, producer.layers, producer.described, dict(producer.skipped)
 
 
 def _fields(batch: Any) -> Mapping:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["activation_probe", "ACTIVATION_MODULES"]
+__all__ = ["activation_probe", "call_counts", "ACTIVATION_MODULES"]
 
 ACTIVATION_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -72,6 +72,21 @@ def _describe(chain: list[fx.Node]) -> str:
         else:
             steps.append(getattr(node.target, "__name__", str(node.target)))
     return " -> ".join(steps)
+
+
+def call_counts(model: nn.Module) -> dict[str, int]:
+    """How many times each module runs per forward pass, from a torch.fx trace ({} when fx cannot trace it)."""
+    from moco.compress.surgery.analysis import _Tracer
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - fx raises many kinds from user code; capture then reports what it finds
+        return {}
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
 
 
 def activation_probe(model: nn.Module, names: list[str]) -> tuple[nn.Module, dict[str, str], dict[str, str]]:
