@@ -389,3 +389,18 @@ def test_the_input_standardisation_travels_with_the_deployed_model(seed_cnn, x, 
     (tmp_path / "f" / "manifest.json").write_text(json.dumps(dict(doc, normalize={"mean": [0.1], "std": [-1]})))
     with pytest.raises(MocoError, match="malformed.*std must be"):
         load(tmp_path / "f")
+
+
+def test_the_empty_batch_probe_prints_no_onnxruntime_errors(tmp_path, capfd):
+    # _runs_empty asks whether a graph runs on 0 samples (a GroupNorm's Reshape does not): the expected failure
+    # was logged by onnxruntime as a red "[E:onnxruntime ...] Non-zero status code" line during a good export
+    import onnx
+
+    from moco.deploy.exporter import export_onnx
+    from moco.deploy.fuse import _runs_empty
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten()).eval()
+    export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "g.onnx", output_names=["y"])
+    capfd.readouterr()
+    assert _runs_empty(onnx.load(str(tmp_path / "g.onnx"))) is False
+    assert "onnxruntime" not in capfd.readouterr().err
