@@ -404,3 +404,30 @@ def test_the_empty_batch_probe_prints_no_onnxruntime_errors(tmp_path, capfd):
     capfd.readouterr()
     assert _runs_empty(onnx.load(str(tmp_path / "g.onnx"))) is False
     assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_a_qat_model_deploys_its_own_int8_weights_not_a_second_quantization(tmp_path):
+    # int8 used to be ONNX Runtime's quantization of the QAT graph's fake-quant float ops (Round, Div, Clip kept,
+    # a second quantization on top); now it quantizes the float equivalent, whose weights are the QAT int8 grid
+    import onnx
+
+    from moco.approx import train_quant
+    from moco.approx.quant import quant_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    q = train_quant(model, (x, torch.randint(0, 3, (128,))), epochs=0, per_channel=True)
+    res = export(q, tmp_path / "q", x[:4], int8=x, check=x, tune=False)
+    assert any("QAT weights" in n for n in res.notes) and res.int8.agreement > 0.9
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.int8.onnx")).graph.node}
+    assert "Round" not in ops and {"QuantizeLinear", "DequantizeLinear"} <= ops
+    plain = dict(quant_layers(q))["0"].float_module()
+    grid = plain.weight / dict(quant_layers(q))["0"].weight_scale().reshape(-1, 1, 1, 1)
+    assert torch.allclose(grid, grid.round(), atol=1e-4)      # the QAT weights, on their int8 grid
+    assert [n for n, _ in quant_layers(q)] == ["0", "3"]      # q keeps its QAT layers (a copy is exported)
+    for _, layer in quant_layers(q):
+        layer.multiplier = object()   # a layer simulating an approximate multiplier has no ONNX form
+    with pytest.raises(MocoError, match="approximate multiplier"):
+        export(q, tmp_path / "lut", x[:4])

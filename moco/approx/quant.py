@@ -218,6 +218,27 @@ class QuantLayer:
             y = y + self._oshape(v.bias, acc.dim())
         return y
 
+    @torch.no_grad()
+    def float_module(self) -> nn.Module:
+        """A plain ``nn.Conv2d`` / ``nn.Linear`` holding this layer's weights on their int8 grid (``w_q * s_w``)
+        and its bias, without activation quantisation: what a runtime's own int8 quantisation starts from
+        (:func:`moco.deploy.export` uses it for a QAT model's int8 graph). Raises for an approximate multiplier."""
+        if self.multiplier is not None:
+            raise MocoError(f"layer {self.layer_name or type(self).__name__} simulates an approximate multiplier, "
+                            "which has no float or ONNX form")
+        s_w = self._wshape(self.weight_scale())
+        w = _round_clamp(self.weight.detach() / s_w) * s_w
+        if isinstance(self, nn.Conv2d):
+            new = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                            self.dilation, self.groups, self.bias is not None, self.padding_mode)
+        else:
+            new = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        new = new.to(device=self.weight.device, dtype=self.weight.dtype)
+        new.weight.copy_(w)
+        if self.bias is not None:
+            new.bias.copy_(self.bias.detach())
+        return new.train(self.training)
+
     @property
     def fan_in(self) -> int:
         """Products summed per output element (``in / groups * kh * kw`` or ``in_features``)."""
