@@ -40,7 +40,10 @@ def frame_text(frame, *, float_format: str = "{:.4g}") -> str:
     """A DataFrame as text with every row and column shown (no ``...``)."""
     if frame is None or len(frame.columns) == 0:
         return "(empty table)"
-    return frame.to_string(index=False, max_rows=None, max_cols=None, line_width=None,
+    frame = frame.copy()
+    for column in frame.columns[frame.dtypes == object]:  # a missing value reads "n/a", not None or NaN
+        frame[column] = frame[column].map(lambda v: "n/a" if v is None or (isinstance(v, float) and v != v) else v)
+    return frame.to_string(index=False, max_rows=None, max_cols=None, line_width=None, na_rep="n/a",
                            float_format=lambda v: float_format.format(v))
 
 

@@ -142,3 +142,14 @@ def test_run_approx_end_to_end():
         run_approx(tiny_net(), (x, y), (x, y), {"epochs": 3})
     with pytest.raises(MocoError, match="unknown multiplier"):
         run_approx(tiny_net(), (x, y), (x, y), {"multipliers": ["nope"]})
+
+
+def test_selection_table_stays_aligned_with_long_layer_names():
+    from moco.approx.select import LayerSelection, SelectionResult
+
+    rows = [LayerSelection(name, "trunc4", 0.5, 0.5, 100.0, 0.5, 0.1, 1.0, 0.1, 0.05, True)
+            for name in ("0", "blocks.0.se.fc1")]
+    lines = SelectionResult(tuple(rows), 1.0, 200.0, ("exact", "trunc4")).to_text().splitlines()
+    # every row puts its multiplier in the header's column (a 15-character name pushed its row out)
+    assert len({line.index("trunc4") for line in lines[1:3]}) == 1 and lines[0].index("multiplier") == lines[1].index(
+        "trunc4")

@@ -343,3 +343,20 @@ def test_suggest_layer_tries_every_block_when_the_heaviest_convs_tie(constant_wi
                            progress=False)
     assert result.bottleneck == "blocks.0.conv1"
     assert [row.layer for row in result.table] == ["stem", "blocks.0", "blocks.1"]
+
+
+def test_the_default_fit_keeps_a_candidate_that_certifies_nothing_quiet():
+    # suggest_layer shows such a candidate in its table; the engine's UncertifiedRuleWarning came once per
+    # candidate with its source line echoed, before the step's own one-line outcome
+    import warnings
+
+    from moco.rules.branched import _fit_with_engine
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(600, 4)).astype(np.float32)
+    predictions = rng.integers(0, 3, 600)   # nothing predicts these: no rule certifies
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rule = _fit_with_engine(features, predictions, layer=1, max_error=0.05, confidence=0.95)
+    fired, _ = rule.assign(torch.from_numpy(features))
+    assert not bool(fired.any())

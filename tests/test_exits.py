@@ -446,3 +446,15 @@ def test_tampered_or_truncated_exits_artifacts_are_refused(tmp_path):
     npz_path.write_bytes(good_npz)
     json_path.write_text(json.dumps(meta))
     assert load_exits(model, tmp_path / "e").thresholds == (0.5, None)
+
+
+def test_a_misspelt_exit_point_suggests_valid_points_that_the_list_shows(constant_width_net):
+    # the hint offered 'blocks.2' while the "valid points" list left it out (it ends where 'blocks' ends)
+    import re
+
+    with pytest.raises(MocoError) as err:
+        attach_exits(constant_width_net, ["blocks.7"], example_input=torch.randn(1, 1, 12, 12))
+    message = str(err.value)
+    suggested = re.findall(r"'([^']+)'", message.split("did you mean")[1].split("?")[0])
+    listed = re.findall(r"'([^']+)'", message.split("valid points are")[1])
+    assert suggested and set(suggested) <= set(listed) and "blocks.2" in listed

@@ -315,6 +315,9 @@ def test_exits_step_whose_exits_are_all_off_says_so(user_model, tmp_path):
     step = json.loads((tmp_path / "o" / "report.json").read_text())["steps"][0]
     assert step["summary"]["thresholds"] and all(t is None for t in step["summary"]["thresholds"])
     assert step["changed"].startswith("nothing: calibration turned every exit off") and "looser target" in step["changed"]
+    # the unchanged model certifies nothing: no bound in the step or the run's summary
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert step.get("certified") is None and not report["summary"]["certified"]
 
 
 def test_no_timing_also_skips_the_profile_steps_latency(user_model, tmp_path):

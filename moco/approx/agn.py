@@ -141,9 +141,10 @@ class GradientSearchResult:
     def to_text(self) -> str:
         lines = [f"noise search: lmbd {self.lmbd}, sigma_max {self.sigma_max}, {len(self.history)} epochs, "
                  f"{self.seconds:.1f} s"]
+        w = max([12, *(len(n) for h in self.history for n in h["sigma"])])
         for h in self.history:
             lines.append(f"epoch {h['epoch']}: loss {h['loss']:.4f}, acc {h['train_accuracy']:.4f}")
-            lines += [f"  layer {n:<12} ops {self.op_fractions[n]:6.1%}  sigma_l {s:+.3f}" for n, s in h["sigma"].items()]
+            lines += [f"  layer {n:<{w}} ops {self.op_fractions[n]:6.1%}  sigma_l {s:+.3f}" for n, s in h["sigma"].items()]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -102,11 +102,13 @@ class SelectionResult:
         return pd.DataFrame([l.__dict__ for l in self.layers]).set_index("name")
 
     def to_text(self) -> str:
-        head = f"{'layer':<12} {'multiplier':<12} {'rel.energy':>10} {'rel.ops':>8} {'sigma':>7} {'err/tol':>8}"
+        wl = max([len("layer"), *(len(l.name) for l in self.layers)])  # long qualified names keep the columns
+        wm = max([len("multiplier"), *(len(l.multiplier) for l in self.layers)])
+        head = f"{'layer':<{wl}} {'multiplier':<{wm}} {'rel.energy':>10} {'rel.ops':>8} {'sigma':>7} {'err/tol':>8}"
         lines = [head]
         for l in self.layers:
             ratio = l.error_std / l.tolerance if l.tolerance > 0 else (0.0 if l.error_std == 0 else math.inf)
-            lines.append(f"{l.name:<12} {l.multiplier:<12} {l.relative_energy:>10.3f} {l.relative_opcount:>8.1%} "
+            lines.append(f"{l.name:<{wl}} {l.multiplier:<{wm}} {l.relative_energy:>10.3f} {l.relative_opcount:>8.1%} "
                          f"{l.sigma:>7.3f} {ratio:>8.2f}{'' if l.fits else '  (none fits)'}")
         lines.append(f"relative energy consumption (op-weighted): {self.relative_energy_consumption:.3f}")
         return "\n".join(lines)

@@ -27,7 +27,7 @@ from torch import fx, nn
 from moco.errors import MocoError
 from moco.exits.criteria import Criterion, get_criterion
 from moco.exits.heads import choose_head, get_head_factory, head_spec
-from moco.split import _LeafTracer, _cut, _describe, _is_plain_sequential, split_at, split_boundaries
+from moco.split import _LeafTracer, _cut, _describe, _is_plain_sequential, split_at, split_boundaries, split_points
 
 __all__ = ["AUTO_HEAD_BUDGET", "EarlyExitNetwork", "ExitCosts", "attach_exits", "auto_points"]
 
@@ -39,7 +39,7 @@ AUTO_HEAD_BUDGET = 0.05
 
 
 def _valid_list(model: nn.Module) -> str:
-    valid = split_boundaries(model)
+    valid = split_points(model)  # every accepted name (a container and its last block end at the same point)
     shown = ", ".join(repr(v) for v in valid[:24]) + (", ..." if len(valid) > 24 else "")
     return f"valid points are [{shown}]" if valid else "the model has no split points (torch.fx cannot trace it)"
 
@@ -66,7 +66,7 @@ def _resolve_points(model: nn.Module, points: Any) -> list[str]:
             names.append(keys[p - 1])
         else:
             if p == "" or p not in modules:
-                close = difflib.get_close_matches(p, [n for n in modules if n], n=3)
+                close = difflib.get_close_matches(p, split_points(model), n=3)
                 hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
                 raise MocoError(f"exit point {p!r} does not exist in {type(model).__name__}{hint}; {_valid_list(model)}")
             names.append(p)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -631,10 +632,13 @@ def _fit_with_engine(
 ) -> Any:
     """Default ``fit``: the :class:`moco.rules.engine.AnalyticsEngine` linear sufficient rules for the predictions."""
     from moco.rules.engine import AnalyticsEngine
+    from moco.rules.report import UncertifiedRuleWarning
 
     engine = AnalyticsEngine(features.reshape(len(features), -1), {"predictions": predictions}, layer=layer,
                              progress=False)
-    result = engine.compute_linear_sufficient_rules("predictions", max_error=max_error, confidence=confidence)
+    with warnings.catch_warnings():  # a candidate that certifies nothing shows in the table, not as a warning each
+        warnings.simplefilter("ignore", UncertifiedRuleWarning)
+        result = engine.compute_linear_sufficient_rules("predictions", max_error=max_error, confidence=confidence)
     return result[0] if isinstance(result, tuple) else result  # (RuleSet, report)
 
 

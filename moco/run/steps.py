@@ -360,9 +360,11 @@ def _exits(ctx: RunContext, stage: Stage, p: dict, out: Path) -> StepOutcome:
                  "bound": cal.certified_bound, "measured": cal.measured_risk, "n": cal.n_test}
     changed = f"exits after {', '.join(map(str, points))} ({p['mode']})"
     if not any(enabled):
-        changed = (f"nothing: calibration turned every exit off ({changed}): none keeps {cal.metric} <= "
-                   f"{cal.target:g} at {cal.confidence:.0%} confidence; try a looser target, later points or more "
-                   "training epochs")
+        # every sample runs the whole model: there is nothing to certify (the all-off vector holds trivially)
+        certified = None
+        changed = (f"nothing: calibration turned every exit off ({changed}): no exit that lets samples leave keeps "
+                   f"{cal.metric} <= {cal.target:g} at {cal.confidence:.0%} confidence; try a looser target, later "
+                   "points or more training epochs")
     return StepOutcome(Stage("exits", net, model, info), summary, f"{changed}\n\n{cal.to_text()}", certified, files,
                        changed)
 
