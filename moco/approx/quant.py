@@ -55,6 +55,7 @@ __all__ = [
     "rebuild_as",
     "replace_layers",
     "limited_batches",
+    "run_batches",
     "export_qdq",
     "QDQExport",
 ]
@@ -353,18 +354,8 @@ def calibrate(model: nn.Module, data: Any, *, batch_size: int = 256, max_samples
     for _, m in layers:
         m.act_max.zero_()
         m.calibrating = True
-    seen = 0
     try:
-        for x, _ in limited_batches(data, batch_size, max_samples):
-            if not torch.isfinite(x).all():
-                raise MocoError("the calibration inputs contain NaN or inf; clean or normalise the data first")
-            try:
-                model(x)
-            except RuntimeError as exc:
-                if seen:
-                    raise
-                raise input_error(exc, tuple(x.shape)) from None
-            seen += len(x)
+        run_batches(model, data, batch_size, max_samples)
     finally:
         for _, m in layers:
             m.calibrating = False
@@ -385,6 +376,24 @@ def limited_batches(data: Any, batch_size: int, max_samples: int | None) -> Iter
             x = x[: max_samples - seen]
         seen += len(x)
         yield x, y
+
+
+def run_batches(model: nn.Module, data: Any, batch_size: int, max_samples: int | None) -> int:
+    """Run ``model`` over :func:`limited_batches` of ``data`` (for its hooks and observers); returns the samples
+    seen. MocoError for NaN/inf inputs (they would survive the clamp to int8 codes) and for a first batch
+    the model cannot take (a wrong shape or dtype)."""
+    seen = 0
+    for x, _ in limited_batches(data, batch_size, max_samples):
+        if not torch.isfinite(x).all():
+            raise MocoError("the inputs contain NaN or inf; clean or normalise the data first")
+        try:
+            model(x)
+        except RuntimeError as exc:
+            if seen:
+                raise
+            raise input_error(exc, tuple(x.shape)) from None
+        seen += len(x)
+    return seen
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from torch import nn
 from moco.approx.agn import layer_macs, sigmas
 from moco.approx.lut import to_lut
 from moco.approx.multipliers import ApproximateMultiplier
-from moco.approx.quant import limited_batches, quant_layers, replace_layers
-from moco.errors import MocoError, input_error
+from moco.approx.quant import limited_batches, quant_layers, replace_layers, run_batches
+from moco.errors import MocoError
 
 __all__ = ["LayerSelection", "SelectionResult", "select_multipliers", "deploy_multipliers", "uniform_assignment",
            "operand_statistics", "propagated_error_std"]
@@ -183,17 +183,7 @@ def operand_statistics(model: nn.Module, data: Any, *, max_samples: int = 512, b
     model.eval()
     handles = [layer.register_forward_hook(hook(n)) for n, layer in layers]
     try:
-        seen = 0
-        for x, _ in limited_batches(data, batch_size, max_samples):
-            if not torch.isfinite(x).all():  # NaN would survive the clamp to int8 codes and break the histogram
-                raise MocoError("the inputs contain NaN or inf; clean or normalise the data first")
-            try:
-                model(x)
-            except RuntimeError as exc:
-                if seen:
-                    raise
-                raise input_error(exc, tuple(x.shape)) from None
-            seen += len(x)
+        seen = run_batches(model, data, batch_size, max_samples)
     finally:
         for h in handles:
             h.remove()
