@@ -268,6 +268,9 @@ def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> l
         positions = {n: np.array([index.get(int(r), -1) for r in roots(analysis.producers[n].ids).tolist()],
                                  dtype=np.int64) for n in g.layers}
         fixed = frozenset(i for r, i in index.items() if r in analysis.pinned)
+        if g.prunable and any((pos < 0).any() for pos in positions.values()):
+            # a member unit outside the leader's units: groups_of promised a leader spanning the group
+            g = type(g)(g.layers, g.units, False, "their units are not all those of one layer")
         groups.append((g, _Group(tuple(g.layers), g.units, positions, fixed)))
     if layers is None:
         return [grp for g, grp in groups if g.prunable]
