@@ -431,3 +431,48 @@ def test_a_qat_model_deploys_its_own_int8_weights_not_a_second_quantization(tmp_
         layer.multiplier = object()   # a layer simulating an approximate multiplier has no ONNX form
     with pytest.raises(MocoError, match="approximate multiplier"):
         export(q, tmp_path / "lut", x[:4])
+
+
+class _TinyAttention(torch.nn.Module):
+    """Patch tokens, a class token and one attention block (nn.MultiheadAttention or a TransformerEncoderLayer)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(1, 8, 4, 4)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.kind = kind
+        if kind == "mha":
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        else:
+            self.attn = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.attn(x, x, x, need_weights=False)[0] if self.kind == "mha" else self.attn(x)
+        return self.fc(x[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["mha", "encoder"])
+def test_attention_models_export_with_a_one_sample_example(kind, tmp_path):
+    # under no_grad in eval mode attention runs a fused kernel the TorchScript exporter rejects; the fallback
+    # exporter then fixed the batch at the example's 1 and the tuning crashed on its batch of 64 (a traceback)
+    torch.manual_seed(0)
+    model = _TinyAttention(kind).eval()
+    x = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = export(model, tmp_path / kind, x[:1], check=x)
+    assert res.fp32.agreement == 1.0 and res.fp32.max_abs_diff < 1e-4
+    with torch.no_grad():
+        np.testing.assert_allclose(load(tmp_path / kind)(x[:7]), model(x[:7]).numpy(), atol=1e-4)
+    assert torch.backends.mha.get_fastpath_enabled()   # torch's switch is set back
+
+
+def test_a_graph_with_a_fixed_batch_is_refused(seed_cnn, tmp_path):
+    from moco.deploy.exporter import _check_dynamic_batch, export_onnx
+
+    export_onnx(seed_cnn, torch.randn(2, 1, 28, 28), tmp_path / "fixed.onnx", dynamic_batch=False)
+    with pytest.raises(RuntimeError, match="batches of 2 only"):
+        _check_dynamic_batch(str(tmp_path / "fixed.onnx"))
+    export_onnx(seed_cnn, torch.randn(1, 1, 28, 28), tmp_path / "dyn.onnx")
+    _check_dynamic_batch(str(tmp_path / "dyn.onnx"))

@@ -79,7 +79,9 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *,
     path = str(path)
     names = list(output_names)
     errors = []
-    with warnings.catch_warnings():
+    # torch.export specialises a dim of size 1: a one-sample example would fix the batch at 1
+    traced = torch.cat([example, example]) if dynamic_batch and len(example) == 1 else example
+    with warnings.catch_warnings(), _no_mha_fastpath():
         warnings.simplefilter("ignore")
         try:
             axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else None
@@ -91,17 +93,46 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *,
             errors.append(f"torchscript exporter: {_one_line(exc)}")
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"],
+                program = torch.onnx.export(module, (traced,), dynamo=True, input_names=["input"],
                                             output_names=names,
                                             dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
                                             verbose=False)
                 program.optimize()
             # one self-contained file (weights inside, no external-data side file to lose on the way)
             program.save(path, external_data=False)
+            if dynamic_batch:
+                _check_dynamic_batch(path)
             return "torch.export (dynamo=True)"
         except Exception as exc:  # noqa: BLE001
             errors.append(f"dynamo exporter: {_one_line(exc)}")
     raise RuntimeError("; ".join(errors))
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """nn.MultiheadAttention / TransformerEncoderLayer off their fused inference kernels while exporting: under
+    no_grad in eval mode they call ``aten::_native_multi_head_attention``, which the TorchScript exporter
+    cannot convert (their plain path exports, and computes the same). The flag is torch's own switch for
+    this, set back afterwards."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def _check_dynamic_batch(path: str) -> None:
+    """RuntimeError when the exported graph's input has a fixed batch size (it would fail on other batches)."""
+    import onnx
+
+    dim = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    if dim.HasField("dim_value"):
+        raise RuntimeError(f"the graph takes batches of {dim.dim_value} only (its batch size was specialised)")
 
 
 # ----------------------------------------------------------------------------------------- graphs
