@@ -574,3 +574,23 @@ def test_a_default_layer_run_twice_is_reported_not_fatal():
     assert set(pfa.statistics) == {"a", "c"}
     with pytest.raises(MocoError, match="runs more than once"):   # named explicitly: capture refuses it
         PFA.introspect(torch.rand(16, 1, 8, 8), model=model, layers=["shared"])
+
+
+def test_default_layers_that_never_run_as_modules_are_reported():
+    # attention's out_proj (and a fused encoder layer's feed-forward Linears) never run as modules: PFA stopped
+    # with "modules ['attn.out_proj'] did not run during the forward pass" though the user named no layer
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(1, 8, 4, 4)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            return self.fc((x + self.attn(x, x, x, need_weights=False)[0]).mean(1))
+
+    torch.manual_seed(0)
+    pfa = PFA.introspect(torch.rand(64, 1, 8, 8), model=Attn().eval())
+    assert list(pfa.failed_responses) == ["attn.out_proj"] and "never called" in pfa.failed_responses["attn.out_proj"]
+    assert list(pfa.statistics) == ["patch"]

@@ -95,6 +95,15 @@ def default_layers(model: nn.Module) -> list[str]:
     return names[:-1]
 
 
+def _first_sample(data: Any) -> torch.Tensor:
+    """One input sample ``[1, ...]`` of ``data`` (a tensor, an (x, y) pair, a Dataset or a DataLoader)."""
+    from moco.batches import iter_batches
+
+    for x, _ in iter_batches(data, 1):
+        return x[:1]
+    raise MocoError("the data yielded no samples; nothing to introspect")
+
+
 class ModelProducer:
     """A DNIKit-style producer over a model: ``producer(batch_size)`` yields ``{layer: pooled [B, units]}`` batches.
 
@@ -113,17 +122,23 @@ class ModelProducer:
             raise MocoError(f"response must be 'activation' (after the layer's BatchNorm/activation) or 'output', "
                             f"got {response!r}")
         names = default_layers(model) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
-        # a default layer called more than once per forward pass (weight sharing) has no one response: it is
-        # reported in failed_responses and the others are analysed (named explicitly, capture refuses it)
+        # a default layer called more than once per forward pass (weight sharing), or never, has no one response:
+        # it is reported in failed_responses and the others are analysed (named explicitly, capture refuses it)
         self.skipped: dict[str, str] = {}
         if layers is None:
-            counts = call_counts(model)
-            self.skipped = {n: f"module {n!r} runs {counts[n]} times per forward pass (weight sharing): its "
-                               "responses mix the calls, so it is not analysed" for n in names if counts.get(n, 1) > 1}
+            counts = call_counts(model, _first_sample(data))
+            for n in names:
+                c = counts.get(n, 1) if counts else 1  # {}: untraceable, capture reports what it finds
+                if c > 1:
+                    self.skipped[n] = (f"module {n!r} runs {c} times per forward pass (weight sharing): its responses "
+                                       "mix the calls, so it is not analysed")
+                elif c == 0:  # e.g. attention's out_proj, whose weights F.multi_head_attention_forward reads
+                    self.skipped[n] = (f"module {n!r} is never called as a module in the forward pass (its parent "
+                                       "uses its weights directly), so it has no response to analyse")
             names = [n for n in names if n not in self.skipped]
             if not names:
-                raise MocoError(f"every default layer runs more than once per forward pass ({', '.join(self.skipped)})"
-                                "; pass layers=[...] with layers that run once")
+                raise MocoError(f"no default layer runs exactly once per forward pass ({', '.join(self.skipped)}); "
+                                "pass layers=[...] with layers that run once")
         self.layers = list(_resolve_layers(model, names))
         if response == "activation":
             self._probe, taps, self.described = activation_probe(model, self.layers)

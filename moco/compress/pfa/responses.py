@@ -74,18 +74,28 @@ def _describe(chain: list[fx.Node]) -> str:
     return " -> ".join(steps)
 
 
-def call_counts(model: nn.Module) -> dict[str, int]:
-    """How many times each module runs per forward pass, from a torch.fx trace ({} when fx cannot trace it)."""
-    from moco.compress.surgery.analysis import _Tracer
+def call_counts(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """How many times each module (qualified name) runs in one forward pass on ``example``, in eval and
+    inference mode as PFA's capture runs it (a fused attention kernel, for one, skips the ``out_proj`` and
+    feed-forward Linears it owns). {} when the model fails on ``example`` (the capture then says why)."""
+    from moco.capture import _eval_mode
 
+    names = {id(m): n for n, m in model.named_modules() if n}
+    counts = dict.fromkeys(names.values(), 0)
+
+    def hook(module: nn.Module, _inputs, _output) -> None:
+        name = names.get(id(module))
+        if name is not None:
+            counts[name] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
-        graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - fx raises many kinds from user code; capture then reports what it finds
+        with _eval_mode(model), torch.inference_mode():
+            model(example)
+    except Exception:  # noqa: BLE001 - user code raises anything; the capture reports it with context
         return {}
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
+    finally:
+        handle.remove()
     return counts
 
 
