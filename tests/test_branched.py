@@ -278,6 +278,14 @@ def test_suggest_layer_ties_and_failures(seed_cnn):
     with pytest.raises(MocoError, match="no rule fires"):
         suggest_layer(seed_cnn, data, fit=FixedFractionFit({1: 1.0, 2: None}), progress=False)
 
+    def too_little_data(features, predictions):
+        raise MocoError("too few held-out samples to certify max_error")
+
+    # the same reason at every candidate is said once (it was repeated per layer: a 4,000-character line)
+    with pytest.raises(MocoError) as err:
+        suggest_layer(seed_cnn, data, fit=too_little_data, progress=False)
+    assert str(err.value).count("too few held-out samples") == 1 and "layers 1, 2" in str(err.value)
+
 
 def test_suggest_layer_named_candidates_resnet():
     torch.manual_seed(0)

@@ -843,7 +843,12 @@ def suggest_layer(
 
     if not any(row.coverage > 0 for row in table):
         tried = ", ".join(_layer_label(row.layer) for row in table)
-        notes = "; ".join(f"{_layer_label(row.layer)}: {row.note}" for row in table if row.note)
+        by_note: dict[str, list[str]] = {}  # one reason once, with the layers it holds for (it is often the data size)
+        for row in table:
+            if row.note:
+                by_note.setdefault(row.note, []).append(_layer_label(row.layer))
+        notes = "; ".join(note if len(layers) == len(table) else f"{', '.join(layers)}: {note}"
+                          for note, layers in by_note.items())
         raise MocoError(
             f"no rule fires on any of the {n_holdout} held-out samples at layers {tried}"
             + (f" ({notes})" if notes else "")
