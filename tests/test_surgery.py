@@ -471,3 +471,42 @@ def test_max_pooling_with_indices_keeps_the_channels_prunable():
     with torch.no_grad():
         torch.testing.assert_close(small(X28), masked_copy(model, {"c1": [0, 2, 5], "c2": [1, 3]})(X28),
                                    atol=1e-5, rtol=1e-5)
+
+
+class _TokenMixer(nn.Module):
+    """Patch tokens [N, T, C], a class token (a parameter), attention, then a Linear-GELU-Linear MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(1, 8, 7, 7)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.ln = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        h = self.ln(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.mlp(self.ln(x))
+        return self.fc(x[:, 0])
+
+
+def test_a_transformer_mlp_stays_prunable_behind_attention_and_a_class_token():
+    # the opaque attention and class-token cat gave their outputs channels in dim 1 (the tokens), so the MLP's
+    # Linears dropped out of the groups: "no prunable layer (every unit is tied to the output or input)"
+    from moco.compress.prune import masked_copy, select_one_shot
+
+    model = _seeded(_TokenMixer()).eval()
+    groups = {g.layers: g for g in dependency_groups(model, X28)}
+    # the hidden units of the MLP are its own; the residual stream is pinned by the class token, with that reason
+    assert [(layers, g.prunable) for layers, g in groups.items()] == [
+        (("patch",), False), (("mlp.0",), True), (("mlp.2",), False), (("fc",), False)]
+    assert "class token" in groups[("patch",)].reason
+    keep = select_one_shot(model, 0.5, example_input=X28)
+    assert list(keep) == ["mlp.0"] and len(keep["mlp.0"]) == 8
+    small = apply(model, keep, X28)
+    with torch.no_grad():
+        torch.testing.assert_close(small(X28), masked_copy(model, keep)(X28), atol=1e-5, rtol=1e-5)

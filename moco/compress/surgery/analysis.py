@@ -229,6 +229,7 @@ class _Walker:
         self.output_shapes: list[tuple[int, ...]] = []
         self.pin_later: list[tuple[fx.Node, str]] = []
         self.items: dict[fx.Node, tuple[np.ndarray, int]] = {}  # a tuple of tensors that all carry these channels
+        self.opaque_dims: dict[fx.Node, int] = {}  # an opaque op's tuple result: the channel dim of its items
 
     # -- helpers
     def call(self, module: str, node: fx.Node, in_slots: np.ndarray, grouped: bool = False) -> None:
@@ -257,12 +258,24 @@ class _Walker:
         else:
             self.cdim.pop(node, None)
 
-    def fresh_pinned(self, node: fx.Node, reason: str) -> None:
-        ch = self.channels(node)
-        if ch is not None:
-            ids = self.units.new(ch)
+    def fresh_pinned(self, node: fx.Node, reason: str, dim: int | None = None) -> None:
+        """New pinned units for ``node``'s channels, in ``dim`` (default: the node's channel dim, 1 unless
+        known; an opaque op passes its input's, so a token tensor ``[N, T, C]`` keeps its channels last)."""
+        if dim is None:
+            dim = self.dim_of(node)
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 2 and dim < len(shape):
+            ids = self.units.new(shape[dim])
             self.units.pin(ids, reason)
-            self.slots[node] = ids
+            self.assign(node, ids, dim)
+
+    def _inherited_dim(self, node: fx.Node, rank: int | None) -> int:
+        """The channel dim an opaque op's output most likely has: an input's explicit one (a channels-last
+        tensor: tokens ``[N, T, C]`` after a Linear or a transpose) when it has the output's rank, else 1."""
+        for arg in _nodes_in((node.args, node.kwargs)):
+            if arg in self.cdim and (rank is None or len(_shape(arg) or ()) == rank):
+                return self.cdim[arg]
+        return 1
 
     def opaque(self, node: fx.Node, why: str = "", hint: str = "") -> None:
         """An op surgery cannot adjust: pin every unit flowing into it; its output channels are fixed."""
@@ -271,7 +284,14 @@ class _Walker:
         for arg in _nodes_in((node.args, node.kwargs)):
             if arg in self.slots:
                 self.units.pin(self.slots[arg], f"they reach {label}{tail}")
-        self.fresh_pinned(node, f"they are tied to the output of {label}{tail}")
+        parts = node.meta.get("tensor_meta")
+        if isinstance(parts, (tuple, list)) and parts and isinstance(parts[0], TensorMetadata):
+            # a tuple result (nn.MultiheadAttention: (output, weights)): its items get the inherited dim
+            self.opaque_dims[node] = self._inherited_dim(node, len(parts[0].shape))
+            return
+        shape = _shape(node)
+        self.fresh_pinned(node, f"they are tied to the output of {label}{tail}",
+                          self._inherited_dim(node, len(shape) if shape is not None else None))
 
     def passthrough(self, node: fx.Node, src) -> None:
         if not isinstance(src, fx.Node) or src not in self.slots:
@@ -420,7 +440,9 @@ class _Walker:
             parts.append(self.slots[t])
         cds = {self.dim_of(t) for t in tensors}
         if len(cds) != 1:
-            return self.opaque(node, "on operands whose channels lie in different dims")
+            unknown = any(t not in self.cdim for t in tensors) and any(t in self.cdim for t in tensors)
+            return self.opaque(node, "with an operand whose channel layout is unknown (a parameter such as a class "
+                                     "token)" if unknown else "on operands whose channels lie in different dims")
         cd = cds.pop()
         if dim == cd:
             self.assign(node, np.concatenate(parts), cd)
@@ -452,7 +474,8 @@ class _Walker:
             ids, d = self.items[src]
             return self.assign(node, ids, d)
         if shape is None:  # indexing a tuple / list result
-            return self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}")
+            return self.fresh_pinned(node, f"they are tied to the output of {_label(node, self.gm)}",
+                                     self.opaque_dims.get(src) if isinstance(src, fx.Node) else None)
         idx = index if isinstance(index, tuple) else (index,)
         full = slice(None, None, None)
         keeps_channels = src in self.slots and self.dim_of(src) == 1 and len(shape) >= 2 and len(idx) >= 1 and (
