@@ -354,3 +354,26 @@ def test_the_export_step_records_the_data_standardisation(user_model, tmp_path):
     raw = resolve_data("fashion_mnist:test").subset(8, 0)
     normed = resolve_data("fashion_mnist:test", normalize=[0.286, 0.353]).subset(8, 0)
     np.testing.assert_allclose(rt.preprocess(raw.x), normed.x.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_into_a_used_folder_leaves_nothing_of_the_previous_run(user_model, tmp_path):
+    # a failed re-run kept the earlier run's report.json and 02-export/deployed beside its own config.json:
+    # a script reading report.json saw a stale success
+    from moco.run import config_from_dict, run_config
+
+    out = tmp_path / "o"
+    (out / "02-export" / "deployed").mkdir(parents=True)
+    (out / "01-rules").mkdir()
+    (out / "report.json").write_text("{}")
+    (out / "report.md").write_text("old")
+    (out / "my-notes.txt").write_text("mine")        # not moco's: kept
+    (out / "07-mine").mkdir()                         # not a step folder name: kept
+    doc = {"model": {"spec": "mynet.py:Net", "weights": "mynet.pt", "args": {"width": 16}},
+           "data": {"train": "fashion_mnist:train", "test": "fashion_mnist:test", "train_size": 300, "test_size": 50},
+           "measure": {"timing": False},
+           "steps": [{"method": "rules", "layer": "stem", "max_error": 0.001, "samples": 300}]}
+    with pytest.raises(MocoError, match=r"step 1 \(rules\)"):
+        run_config(config_from_dict(doc, base_dir=user_model), out)
+    names = sorted(p.name for p in out.iterdir())
+    assert "report.json" not in names and "report.md" not in names and "02-export" not in names
+    assert "my-notes.txt" in names and "07-mine" in names and "config.json" in names

@@ -341,9 +341,23 @@ def run_config(cfg: RunConfig, out: str | Path, *, progress: bool = False, echo=
         torch.set_num_threads(old_threads)
 
 
+def _clear_previous_run(out: Path) -> None:
+    """Remove what an earlier run left in ``out``: its report files and its step folders (``NN-method``). A run
+    that fails must not leave a previous run's successful report (or deployment) beside its own config."""
+    from moco.run.steps import STEP_METHODS
+
+    for name in ("report.json", "report.md"):
+        (out / name).unlink(missing_ok=True)
+    for folder in out.iterdir():
+        head, _, method = folder.name.partition("-")
+        if folder.is_dir() and len(head) == 2 and head.isdigit() and method in STEP_METHODS:
+            shutil.rmtree(folder)
+
+
 def _run(cfg: RunConfig, out: Path, progress: bool, say, tracking=None) -> RunResult:
     env = _environment(cfg)
     config = cfg.to_dict()
+    _clear_previous_run(out)
     write_json_atomic(out / "config.json", json_safe({"config": config, "environment": env,
                                                       "source": cfg.source, "base_dir": cfg.base_dir}))
     if tracking is not None:
