@@ -8,6 +8,7 @@ traceback; ``MOCO_DEBUG=1`` shows the traceback for bug reports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -410,9 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "or use 'moco run examples/profile.toml --track'")
             return _cmd_profile(args)
         if args.command == "run":
-            return _cmd_run(args)
+            with _sigterm_as_interrupt():
+                return _cmd_run(args)
         if args.command in METHOD_COMMANDS:
-            return _cmd_method(args)
+            with _sigterm_as_interrupt():
+                return _cmd_method(args)
         if args.command == "bench":
             _check_output_file(args.json, "--json")
             return _cmd_bench(args)
@@ -426,10 +429,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"moco: error: {msg}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("moco: terminated (SIGTERM); the step's temporary files were removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("moco: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM raised in the main thread, so that with-blocks and finally clauses clean up (temporary folders)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a run works, SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl+C instead of ending the process
+    on the spot, which left the export's temporary folder in /tmp. Outside the main thread: nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,28 @@ def test_data_check_on_an_empty_root_reports_missing(capsys, tmp_path):
 def test_bench_list(capsys):
     code, out, _ = run(capsys, "bench", "--list")
     assert code == 0 and "baselines" in out
+
+
+def test_sigterm_during_a_run_unwinds_and_exits_143(monkeypatch, capsys):
+    # a CI timeout's SIGTERM ended `moco run` on the spot: the export's temporary folder stayed in /tmp
+    import os
+    import signal
+
+    import moco.cli as cli
+
+    cleaned = []
+
+    def fake_run(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 0
+        finally:
+            cleaned.append(True)   # what a TemporaryDirectory's cleanup does
+
+    monkeypatch.setattr(cli, "_cmd_run", fake_run)
+    before = signal.getsignal(signal.SIGTERM)
+    code = cli.main(["run", "whatever.toml"])
+    err = capsys.readouterr().err
+    assert code == 143 and cleaned == [True]
+    assert err.strip().splitlines() == ["moco: terminated (SIGTERM); the step's temporary files were removed"]
+    assert signal.getsignal(signal.SIGTERM) == before
