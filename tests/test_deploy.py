@@ -95,7 +95,7 @@ def test_micro_batches_give_the_same_outputs_and_are_checked(exits_net, seed_cnn
     path = tmp_path / "m" / "manifest.json"
     doc = json.loads(path.read_text())
     session = doc["graphs"]["fp32"][0]["session"]
-    assert session["micro_batch"] in (None, 256, 64) and session["batch"] in (512, 4)
+    assert session["micro_batch"] in (None, 256, 64) and session["batch"] in (512, 64)
     whole = load(tmp_path / "m", optimization="all")
     assert whole.graphs[0].micro_batch is None
     doc["graphs"]["fp32"][0]["session"] = dict(session, name="all", optimization="all", disabled_optimizers=[],
@@ -476,3 +476,14 @@ def test_a_graph_with_a_fixed_batch_is_refused(seed_cnn, tmp_path):
         _check_dynamic_batch(str(tmp_path / "fixed.onnx"))
     export_onnx(seed_cnn, torch.randn(1, 1, 28, 28), tmp_path / "dyn.onnx")
     _check_dynamic_batch(str(tmp_path / "dyn.onnx"))
+
+
+def test_a_slow_graph_is_tuned_on_max_batch_samples_not_the_example(seed_cnn, x, tmp_path):
+    # past the time budget the tuner timed x[:64] of a one-sample example, so moco run's int8 graphs were
+    # tuned on batches of 1 (the fused graphs already tiled the example)
+    from moco.deploy.exporter import _tune
+
+    export(seed_cnn, tmp_path / "m", x[:1], tune=False)
+    items = json.loads((tmp_path / "m" / "manifest.json").read_text())["graphs"]["fp32"]
+    _tune(tmp_path / "m", items, [x[:1].numpy()], 1, repeats=1, rounds=1, budget_s=0.0, settle_s=0.0)
+    assert items[0]["session"]["batch"] == 64

@@ -589,7 +589,7 @@ def _tune(work: Path, items: list[dict], inputs: list[np.ndarray], threads: int,
         small_s, big_s, out = _probe_costs(graph(SESSION_CONFIGS["all"]), big, max_batch)
         reference, cheap = out[0], big_s <= budget_s
         n_rounds = rounds if small_s <= budget_s else 1  # one round only where a single call is slow
-        timed = big if cheap else np.ascontiguousarray(x[:max_batch])
+        timed = big if cheap else np.ascontiguousarray(big[:max_batch])  # the example repeated to max_batch
         graphs = {name: graph(c) for name, c in SESSION_CONFIGS.items()}
         pairs: list[tuple] = [(name, m) for name in SESSION_CONFIGS for m in (MICRO_BATCHES if cheap else (None,))]
         spec = lanes[k] if k < len(lanes) and cheap else {}  # a slow graph gets no lane graphs written at all
