@@ -487,3 +487,12 @@ def test_a_slow_graph_is_tuned_on_max_batch_samples_not_the_example(seed_cnn, x,
     items = json.loads((tmp_path / "m" / "manifest.json").read_text())["graphs"]["fp32"]
     _tune(tmp_path / "m", items, [x[:1].numpy()], 1, repeats=1, rounds=1, budget_s=0.0, settle_s=0.0)
     assert items[0]["session"]["batch"] == 64
+
+
+def test_re_exporting_into_a_folder_removes_the_graphs_it_no_longer_has(seed_cnn, x, tmp_path):
+    # an FP32 export over an int8 one left model.int8.onnx beside the new manifest, looking current
+    export(seed_cnn, tmp_path / "f", x[:4], int8=x[:32], tune=False)
+    assert (tmp_path / "f" / "model.int8.onnx").is_file()
+    (tmp_path / "f" / "notes.txt").write_text("mine")
+    export(seed_cnn, tmp_path / "f", x[:4], tune=False)
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["manifest.json", "model.onnx", "notes.txt"]

@@ -967,6 +967,7 @@ def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
     if path.exists() and not path.is_dir():
         raise MocoError(f"{path} exists and is not a folder; pass a folder path (or *.onnx for a plain model)")
     path.mkdir(parents=True, exist_ok=True)
+    previous = _named_files(path / MANIFEST)
     (path / MANIFEST).unlink(missing_ok=True)  # a reader never sees a manifest naming half-copied graphs
     lanes = [i["lanes"] for items in manifest["graphs"].values() for i in items if i.get("lanes")]
     for items in [*manifest["graphs"].values(), list((manifest.get("fused") or {}).values()), lanes]:
@@ -976,4 +977,20 @@ def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
             os.replace(tmp, path / item["file"])
     shutil.copyfile(work / MANIFEST, path / f".{MANIFEST}.tmp")
     os.replace(path / f".{MANIFEST}.tmp", path / MANIFEST)
+    for name in previous - _named_files(path / MANIFEST):  # graphs of an earlier export the new one does not have
+        (path / name).unlink(missing_ok=True)
+
+
+def _named_files(manifest: Path) -> set[str]:
+    """The graph files a deploy manifest names (plain names; empty when it is missing or unreadable)."""
+    import json
+
+    try:
+        doc = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return set()
+    items = [i for group in (doc.get("graphs") or {}).values() for i in group]
+    items += list((doc.get("fused") or {}).values()) + [i["lanes"] for i in items if isinstance(i, dict) and i.get("lanes")]
+    return {i["file"] for i in items if isinstance(i, dict) and isinstance(i.get("file"), str)
+            and Path(i["file"]).name == i["file"]}
 
