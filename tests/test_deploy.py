@@ -110,6 +110,11 @@ def test_micro_batches_give_the_same_outputs_and_are_checked(exits_net, seed_cnn
         path.write_text(json.dumps(doc))
         with pytest.raises(MocoError, match="session settings"):
             load(tmp_path / "m")
+    doc["graphs"]["fp32"][0]["session"]["micro_batch"] = None
+    doc["graphs"]["fp32"][0]["session"]["optimization"] = "turbo"   # the message named neither file nor graph
+    path.write_text(json.dumps(doc))
+    with pytest.raises(MocoError, match=r"manifest.json is malformed: graph 'model.onnx' has session settings"):
+        load(tmp_path / "m")
     # exits: every segment graph chunks the same way and the decisions do not change
     export(exits_net, tmp_path / "e", x[:8])
     path = tmp_path / "e" / "manifest.json"

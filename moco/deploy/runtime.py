@@ -494,7 +494,8 @@ def _graph_config(item: dict, optimization: str | None, where: Path) -> tuple[st
     session = item.get("session") or SESSION_CONFIGS["all"]
     level, disabled = session.get("optimization"), session.get("disabled_optimizers", [])
     micro = session.get("micro_batch")
-    if (not isinstance(level, str) or not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled)
+    if (level not in ("all", "extended", "basic", "none") or not isinstance(disabled, list)
+            or not all(isinstance(d, str) for d in disabled)
             or not (micro is None or (isinstance(micro, int) and not isinstance(micro, bool) and micro >= 1))):
         raise MocoError(f"{where} is malformed: graph {item.get('file')!r} has session settings {session!r}; "
                         "export the model again with moco.deploy.export")
