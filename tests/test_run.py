@@ -227,6 +227,10 @@ def test_rules_that_certify_nothing_fail_the_step_with_advice(user_model, tmp_pa
       "steps": [{"method": "prune", "drop_threshold": 1.5}]}, r"drop_threshold must be >= 0 and < 1, got 1.5"),
     ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
       "steps": [{"method": "rules", "max_error": 0.0}]}, r"max_error must be > 0 and < 1"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},          # was refused only when the step ran
+      "steps": [{"method": "prune"}, {"method": "exits", "mode": "foo"}]}, r"mode must be one of 'retrofit', 'joint'"),
+    ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"},
+      "steps": [{"method": "rules", "pooling": "mean"}]}, r"pooling must be one of 'max', 'avg', got 'mean'"),
     # the step order is checked before anything runs (prune after quantize failed in an fx trace of the model)
     ({"model": {"spec": "seed_cnn"}, "data": {"train": "mnist"}, "steps": [{"method": "quantize"}, {"method": "prune"}]},
      r"step 2 \(prune\) cannot follow step 1 \(quantize\): .*fake-quant.*put 'prune' before 'quantize'"),

@@ -76,6 +76,35 @@ _RANGES: dict[str, tuple] = {
 }
 
 
+def _choices(method: str, key: str) -> tuple[str, ...] | None:
+    """The values a string parameter takes (checked with the config, like the ranges), or None when free."""
+    if method == "exits" and key == "mode":
+        return ("retrofit", "joint")
+    if method == "exits" and key == "metric":
+        from moco.exits.outputs import METRICS
+
+        return tuple(METRICS)
+    if method == "exits" and key == "criterion":
+        from moco.exits.criteria import CRITERIA
+
+        return tuple(CRITERIA)
+    if method == "prune" and key == "optimizer":
+        return ("adam", "sgd")
+    if method == "pfa" and key == "recipe":
+        return ("kl", "energy", "size")
+    if method == "pfa" and key == "unit_strategy":
+        return ("l1max", "absmax", "l1min", "absmin")
+    if method == "rules" and key == "kind":
+        from moco.rules.rule import KINDS
+
+        return tuple(KINDS)
+    if method == "rules" and key == "pooling":
+        return ("max", "avg")
+    if method in ("quantize", "approx") and key == "observer":
+        return ("frozen", "ema")
+    return None
+
+
 def _check_range(key: str, value: Any, where: str) -> None:
     bounds = _RANGES.get(key)
     if bounds is None or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -117,6 +146,9 @@ def check_step(method: Any, params: dict[str, Any], where: str) -> StepConfig:
         if value is None:
             continue
         _check_range(key, value, f"{where} ({method})")
+        allowed = _choices(method, key) if isinstance(value, str) else None
+        if allowed is not None and (value.lower() if method == "pfa" else value) not in allowed:
+            raise MocoError(f"{where} ({method}): {key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         if default is None:
             continue
         ok = (isinstance(value, bool) if isinstance(default, bool)
