@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -507,6 +508,9 @@ def _quantize(src: Path, dst: Path, reader: _Reader, exclude: list[str]) -> None
         source = pre
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantize the raw graph then
         source = src
+    root = logging.getLogger()  # onnxruntime's quantizer logs advice ("consider pre-processing") on the root logger
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -515,6 +519,7 @@ def _quantize(src: Path, dst: Path, reader: _Reader, exclude: list[str]) -> None
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or None,
                             op_types_to_quantize=["Conv", "MatMul", "Gemm"])
     finally:
+        root.setLevel(level)
         pre.unlink(missing_ok=True)
 
 
