@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
 
     for method, summary in METHOD_COMMANDS.items():
+        extra = (" Without --data and --out it only measures the model: the table on stdout (--json FILE writes "
+                 "it as JSON)." if method == "profile" else "")
         m = sub.add_parser(method, help=summary,
-                           description=f"{summary}. One step of 'moco run' without a config file; same outputs.")
+                           description=f"{summary}. One step of 'moco run' without a config file; same outputs "
+                                       f"(a run folder, its last stdout line JSON).{extra}")
         m.add_argument("model", nargs="?" if method == "profile" else None,
                        help="model spec: a zoo name, path/to/file.py:Name or package.module:Name"
                             + (" (or a moco checkpoint file)" if method == "profile" else ""))
