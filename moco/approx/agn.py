@@ -151,7 +151,6 @@ class GradientSearchResult:
         return self.to_text()
 
 
-
 def train_gradient(
     model: nn.Module,
     train_data: Any,

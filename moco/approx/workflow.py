@@ -53,7 +53,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-
 def train_baseline(model: nn.Module, train_data: Any, *, epochs: int = 8, lr: float = 1e-3, batch_size: int = 128,
                    seed: int = 0, progress: bool = True, **fit_kwargs):
     """Train the FP32 ``model`` in place with :func:`moco.train.fit`; returns its FitResult."""

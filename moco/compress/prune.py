@@ -234,6 +234,12 @@ class _Group:
     positions: Mapping[str, np.ndarray]
     fixed: frozenset[int] = frozenset()
 
+    @classmethod
+    def single(cls, model: nn.Module, name: str) -> "_Group":
+        """Layer ``name`` as a group of its own (its units are the group's)."""
+        units = _units(_layer(model, name))
+        return cls((name,), units, {name: np.arange(units)})
+
     @property
     def label(self) -> str:
         return self.layers[0] if len(self.layers) == 1 else "+".join(self.layers)
@@ -256,8 +262,7 @@ def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> l
         if layers is None:
             raise MocoError("name the layers to prune (layers=[...]) or pass example_input= so that the output "
                             "layer and tied layers (residual adds) can be found by tracing")
-        units = {name: _units(_layer(model, name)) for name in layers}
-        return [_Group((name,), units[name], {name: np.arange(units[name])}) for name in layers]
+        return [_Group.single(model, name) for name in layers]
     from moco.compress.surgery.analysis import analyse, groups_of
 
     analysis = analyse(copy.deepcopy(model), example_input)
@@ -278,8 +283,7 @@ def _groups(model: nn.Module, layers: list[str] | None, example_input: Any) -> l
     chosen: list[_Group] = []
     for name in layers:
         if name not in by_layer:
-            units = _units(_layer(model, name))
-            chosen.append(_Group((name,), units, {name: np.arange(units)}))
+            chosen.append(_Group.single(model, name))
             continue
         g, grp = by_layer[name]
         if not g.prunable:
@@ -816,7 +820,10 @@ class IterativePruner:
                 kept = [u for u in live[gi] if u not in gone]
                 if physical:  # the work model holds only the live units: name them by their local index
                     now, after = g.member_keep(live[gi]), g.member_keep(kept)
-                    local = {name: [i for i, j in enumerate(now[name]) if j in set(after[name])] for name in g.layers}
+                    local = {}
+                    for name in g.layers:
+                        stays = set(after[name])
+                        local[name] = [i for i, j in enumerate(now[name]) if j in stays]
                     trial = apply(work, local, example_input=self.example_input)
                     pairs = None
                 else:  # the work model has every unit; the pruned ones are held at zero

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import shutil
@@ -46,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moco.deploy.runtime import FORMAT, MANIFEST, SESSION_CONFIGS, VERSION, check_normalize, file_sha256, load
+from moco.deploy.runtime import (FORMAT, MANIFEST, SESSION_CONFIGS, VERSION, check_normalize, file_sha256, load,
+                                 read_manifest)
 from moco.errors import MocoError
 from moco.io import write_json_atomic
 
@@ -951,8 +953,6 @@ def _add_fused(work: Path, manifest: dict, precision: str, net) -> None:
 def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
     """Move the checked artifact from the work folder to ``path`` (file replaced atomically; folder: graphs then manifest)."""
     if single:
-        import json
-
         import onnx
 
         precision = "int8" if "int8" in manifest["graphs"] else "fp32"
@@ -972,30 +972,24 @@ def _install(work: Path, path: Path, single: bool, manifest: dict) -> None:
     if path.exists() and not path.is_dir():
         raise MocoError(f"{path} exists and is not a folder; pass a folder path (or *.onnx for a plain model)")
     path.mkdir(parents=True, exist_ok=True)
-    previous = _named_files(path / MANIFEST)
+    try:  # the graphs an earlier export left here (a folder of another kind of files: none)
+        previous = {i["file"] for i in _graph_items(read_manifest(path))} if (path / MANIFEST).is_file() else set()
+    except MocoError:
+        previous = set()
     (path / MANIFEST).unlink(missing_ok=True)  # a reader never sees a manifest naming half-copied graphs
-    lanes = [i["lanes"] for items in manifest["graphs"].values() for i in items if i.get("lanes")]
-    for items in [*manifest["graphs"].values(), list((manifest.get("fused") or {}).values()), lanes]:
-        for item in items:
-            tmp = path / f".{item['file']}.tmp"
-            shutil.copyfile(work / item["file"], tmp)
-            os.replace(tmp, path / item["file"])
+    current = _graph_items(manifest)
+    for item in current:
+        tmp = path / f".{item['file']}.tmp"
+        shutil.copyfile(work / item["file"], tmp)
+        os.replace(tmp, path / item["file"])
     shutil.copyfile(work / MANIFEST, path / f".{MANIFEST}.tmp")
     os.replace(path / f".{MANIFEST}.tmp", path / MANIFEST)
-    for name in previous - _named_files(path / MANIFEST):  # graphs of an earlier export the new one does not have
+    for name in previous - {i["file"] for i in current}:  # graphs of the earlier export the new one does not have
         (path / name).unlink(missing_ok=True)
 
 
-def _named_files(manifest: Path) -> set[str]:
-    """The graph files a deploy manifest names (plain names; empty when it is missing or unreadable)."""
-    import json
-
-    try:
-        doc = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return set()
-    items = [i for group in (doc.get("graphs") or {}).values() for i in group]
-    items += list((doc.get("fused") or {}).values()) + [i["lanes"] for i in items if isinstance(i, dict) and i.get("lanes")]
-    return {i["file"] for i in items if isinstance(i, dict) and isinstance(i.get("file"), str)
-            and Path(i["file"]).name == i["file"]}
+def _graph_items(manifest: dict) -> list[dict]:
+    """Every graph entry of a deploy manifest: per precision, the fused graphs and the lane graphs."""
+    items = [i for group in manifest["graphs"].values() for i in group]
+    return [*items, *(manifest.get("fused") or {}).values(), *(i["lanes"] for i in items if i.get("lanes"))]
 

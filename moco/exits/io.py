@@ -131,7 +131,7 @@ def load_exits(model: nn.Module, path: str | Path, *, head: Any = None,
         net.heads.load_state_dict(state)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        detail = next((line for line in lines[1:]), lines[0] if lines else type(exc).__name__)  # torch: header, details
+        detail = (lines[1:] or lines or [type(exc).__name__])[0]  # torch: a header line, then the details
         raise MocoError(f"the heads in {npz_path} do not fit this model ({detail.rstrip('.')}); load them onto the model "
                         "they were trained with") from None
     net.thresholds = meta["thresholds"]

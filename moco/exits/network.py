@@ -38,8 +38,9 @@ AUTO_HEAD_BUDGET = 0.05
 # ----------------------------------------------------------------------------------------- points
 
 
-def _valid_list(model: nn.Module) -> str:
-    valid = split_points(model)  # every accepted name (a container and its last block end at the same point)
+def _valid_list(model: nn.Module, valid: list[str] | None = None) -> str:
+    if valid is None:
+        valid = split_points(model)  # every accepted name (a container and its last block end at the same point)
     shown = ", ".join(repr(v) for v in valid[:24]) + (", ..." if len(valid) > 24 else "")
     return f"valid points are [{shown}]" if valid else "the model has no split points (torch.fx cannot trace it)"
 
@@ -66,9 +67,11 @@ def _resolve_points(model: nn.Module, points: Any) -> list[str]:
             names.append(keys[p - 1])
         else:
             if p == "" or p not in modules:
-                close = difflib.get_close_matches(p, split_points(model), n=3)
+                valid = split_points(model)
+                close = difflib.get_close_matches(p, valid, n=3)
                 hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-                raise MocoError(f"exit point {p!r} does not exist in {type(model).__name__}{hint}; {_valid_list(model)}")
+                raise MocoError(f"exit point {p!r} does not exist in {type(model).__name__}{hint}; "
+                                f"{_valid_list(model, valid)}")
             names.append(p)
     if len(set(names)) != len(names):
         raise MocoError(f"exit points {list(points)} name the same point twice; give each point once")

@@ -688,8 +688,8 @@ def _default_candidates(model: nn.Module, heaviest: list[str]) -> list[int | str
         return points
     before: list[int | str] = []
     for point in points:
-        head = list(split_at(model, point).head.modules())
-        if all(any(module is t for module in head) for t in targets):
+        head = {id(module) for module in split_at(model, point).head.modules()}
+        if all(id(t) in head for t in targets):
             break
         before.append(point)
     if not before:

@@ -188,7 +188,7 @@ def _environment(cfg: RunConfig) -> dict[str, Any]:
 
 def build_context(cfg: RunConfig, *, out: Path | None = None, progress: bool = False) -> RunContext:
     """Resolve the model and data of ``cfg`` into a :class:`RunContext` (no step runs)."""
-    from moco.specs import align_classes, resolve_data, resolve_model
+    from moco.specs import absolute_spec, align_classes, resolve_data, resolve_model
 
     d = cfg.data
     train = resolve_data(d.train, split="train", normalize=d.normalize, root=d.root, base_dir=cfg.base_dir)
@@ -242,8 +242,6 @@ def build_context(cfg: RunConfig, *, out: Path | None = None, progress: bool = F
                    train.normalize)
     fit = Data(train.x[fit_idx], train.y[fit_idx], train.classes, train.spec + " (fit)", train.source, train.normalize)
     arch = {"name": resolved.zoo, "kwargs": dict(resolved.args)} if resolved.zoo else None
-    from moco.specs import absolute_spec
-
     model_spec = None if arch else {"model": absolute_spec(cfg.model.spec, cfg.base_dir), "args": dict(resolved.args)}
     return RunContext(resolved, model, train, fit, holdout, test, example, cfg.seed, progress, arch, out,
                       timing=bool(cfg.measure.timing), model_spec=model_spec)

@@ -230,26 +230,21 @@ class _Walker:
         self.pin_later: list[tuple[fx.Node, str]] = []
         self.items: dict[fx.Node, tuple[np.ndarray, int]] = {}  # a tuple of tensors that all carry these channels
         self.opaque_dims: dict[fx.Node, int] = {}  # an opaque op's tuple result: the channel dim of its items
+        self.first_in: dict[str, np.ndarray] = {}  # module -> the input channels of its first call
 
     # -- helpers
     def call(self, module: str, node: fx.Node, in_slots: np.ndarray, grouped: bool = False) -> None:
         """Record a call of ``module`` on channels ``in_slots``. A module called again (weight sharing) has one
         set of input channels: the inputs of all its calls are tied, so one keep set fits every call."""
-        for prev in self.calls:
-            if prev.module == module and len(prev.in_slots) == len(in_slots):
-                self.units.tie(prev.in_slots, in_slots, f"module {module!r} called more than once (node "
-                               f"{node.name!r}): every call reads the same input channels")
-                break
+        first = self.first_in.setdefault(module, in_slots)
+        if first is not in_slots and len(first) == len(in_slots):
+            self.units.tie(first, in_slots, f"module {module!r} called more than once (node {node.name!r}): "
+                           "every call reads the same input channels")
         self.calls.append(Call(module, node.name, in_slots, grouped=grouped))
 
     def dim_of(self, node: fx.Node) -> int:
         """The channel dim of ``node`` (1 unless a permute or a channels-last Linear moved it)."""
         return self.cdim.get(node, 1)
-
-    def channels(self, node: fx.Node) -> int | None:
-        shape = _shape(node)
-        d = self.dim_of(node)
-        return shape[d] if shape is not None and len(shape) >= 2 and d < len(shape) else None
 
     def assign(self, node: fx.Node, ids: np.ndarray, dim: int = 1) -> None:
         self.slots[node] = ids
